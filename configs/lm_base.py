@@ -1,0 +1,77 @@
+"""Shared defaults of the decoder-LM recipes; each recipe file overrides what differs.
+
+Every field is a flag: `--config.FIELD=VALUE` (e.g. `--config.model.attention=mha`,
+`--config.mesh.tensor=2`, `--config.data.name=mqar`).
+"""
+
+import ml_collections
+
+import zoo.data
+
+
+def lm_config(**model_overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "lm"  # lm | recall (tasks in zoo/training/tasks.py)
+  c.total_steps = 1000
+  c.batch_size = 16  # global, in sequences
+  c.seq_len = 256
+  c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+  c.log_every = 10
+  c.eval_every = 0  # 0: only the final evaluation
+  c.eval_batches = 0  # held-out batches per evaluation; 0: the whole split
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.peak_flops_per_device = ml_collections.config_dict.placeholder(float)  # None: measured
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.name = "llama_lm"
+  m.vocab_size = ml_collections.config_dict.placeholder(int)  # None: the dataset's
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = ml_collections.config_dict.placeholder(int)  # None: d_model // num_heads
+  m.mlp_dim = 688
+  m.mlp_kind = "swiglu"  # swiglu | geglu | gelu | relu
+  m.norm = "rmsnorm"  # rmsnorm | layernorm
+  m.norm_eps = 1e-6
+  m.attention = "mha"  # a family id, or a comma-separated per-layer pattern
+  m.positional = "rope"  # rope | nope
+  m.rope_base = 10_000.0
+  m.rope_scaling = 1.0
+  m.window = ml_collections.config_dict.placeholder(int)  # sliding window for every layer
+  m.tie_embeddings = True
+  m.max_seq_len = 2048
+  m.dtype = "float32"  # activations: float32 | bfloat16
+  m.param_dtype = "float32"
+  m.implementation = "auto"  # attention backend: auto | xla | reference | pallas ...
+  m.remat = False
+  m.attention_options = ml_collections.ConfigDict()
+  m.update(model_overrides)
+
+  c.data = zoo.data.default_data_config("pydoc_text")
+
+  c.optimizer = ml_collections.ConfigDict()
+  o = c.optimizer
+  o.name = "adamw"
+  o.learning_rate = 3e-3
+  o.schedule = "warmup_cosine"  # constant | warmup_cosine | wsd
+  o.warmup_steps = 50
+  o.min_lr_ratio = 0.1
+  o.decay_fraction = 0.2  # wsd only
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.clip_norm = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # eval.py: held-out text plus synthetic recall probes at seq_len.
+  c.eval_tasks = "text,mqar,passkey"
+  return c

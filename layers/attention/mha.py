@@ -1,0 +1,76 @@
+"""`mha`: multi-head softmax attention with decoupled head counts (MHA / GQA / MQA).
+
+From "Attention Is All You Need" (Vaswani et al., 2017) and, for shared KV
+heads, "GQA: Training Generalized Multi-Query Transformer Models from
+Multi-Head Checkpoints":
+
+    O_h = softmax(Q_h K_{g(h)}^T / sqrt(d) + M) V_{g(h)},   g(h) = floor(h * Hkv / Hq)
+    y   = concat_h(O_h) W_O
+
+MHA: Hkv = Hq; GQA: Hkv divides Hq; MQA: Hkv = 1. KV heads are never
+repeated in memory on the fast path. The mask M is a `Mask` (data, not a
+[T, T] array); `positional` rotates q and k by position ids first.
+The core runs through `pallas_kernels.flash_attention`, whose
+`implementation="auto"` picks the best backend for the platform and ends at
+the memory-efficient XLA path; `implementation="reference"` runs the dense
+quadratic form and can return the attention probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.attention import registry
+from layers.attention.config import AttentionConfig
+from layers.attention.masks import Mask
+from layers.attention.positional import make_positional
+from layers.attention.projection import OutProjection, QKVProjection
+from pallas_kernels.flash import api as flash_api
+from pallas_kernels.flash import reference as flash_reference
+
+
+def mha(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
+        scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
+  """The pure function of the family: q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> [B,Tq,Hq,D]."""
+  mask = Mask.bidirectional() if mask is None else mask
+  return flash_api.flash_attention(q, k, v, scale=scale, implementation=implementation,
+                                   **mask.kernel_args())
+
+
+def mha_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
+              scale: Optional[float] = None) -> jax.Array:
+  """Attention probabilities [B, Hq, Tq, Tk] from the reference path (for diagnostics and plots)."""
+  mask = Mask.bidirectional() if mask is None else mask
+  _, probs = flash_reference.attention(
+      q, k, v, mask_args=mask.mask_args(q.shape[0], q.shape[1], k.shape[1]), scale=scale,
+      return_probs=True)
+  return probs
+
+
+@registry.register("mha")
+class MultiHeadAttention(nnx.Module):
+  """Projections + positional encoding + `mha` core. Options: none (the head layout is in cfg)."""
+
+  def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.qkv = QKVProjection(cfg, rngs=rngs)
+    self.out = OutProjection(cfg, rngs=rngs)
+    self.positional = make_positional(cfg)
+
+  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    cfg = self.cfg
+    mask = Mask(causal=cfg.causal) if mask is None else mask
+    if cfg.window is not None:
+      mask = mask.replace(window=cfg.window)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    q, k, v = self.qkv(x)
+    q, k = self.positional(q, k, positions, positions)
+    o = mha(q, k, v, mask.replace(q_positions=positions, kv_positions=positions),
+            implementation=cfg.implementation)
+    return self.out(o)

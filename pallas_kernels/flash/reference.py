@@ -1,0 +1,128 @@
+"""Reference softmax attention in plain jax.numpy: the specification.
+
+For query head h, which reads kv head g(h) = floor(h * Hkv / Hq):
+
+    S   = scale * Q_h K_{g(h)}^T                      [Tq, Tk]
+    S   = cap * tanh(S / cap)                          if logits_soft_cap
+    S   = S + bias_h                                   if bias
+    S   = where(visible, S, -inf)                      the mask (masking.py)
+    lse = log(sum_j exp(S_ij) + exp(sink_h))           the sink term if sinks
+    O_h = exp(S - lse) V_{g(h)}
+
+The soft cap comes before the bias so that an additive -inf bias stays a mask
+(tanh would turn it into -cap). A sink is a learned logit that joins every
+row's softmax denominator but carries no value, so a row may give weight to
+"nothing" (gpt-oss, StreamingLLM); it is neither scaled nor capped.
+
+Quadratic in sequence length on purpose: every fast path (the memory-efficient
+XLA path, the Pallas kernels) is tested against this function, outputs and
+gradients. Rows with no visible key output zeros and have zero gradients; their
+log-sum-exp is -inf (or the sink logit when there are sinks).
+Layout is [batch, seq, heads, head_dim] throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash import masking
+
+
+def check_qkv(q, k, v):
+  """Shape rules shared by every path; errors name the offending argument."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(
+        f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
+  b, _, hq, d = q.shape
+  if k.shape[0] != b or v.shape[0] != b:
+    raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"k and v must agree on [batch, seq, heads]: {k.shape} vs {v.shape}")
+  if k.shape[3] != d:
+    raise ValueError(f"q and k head_dim differ: {d} vs {k.shape[3]}")
+  hkv = k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+
+
+def check_bias(bias, q, k):
+  """Checks that `bias` broadcasts to [B, Hq, Tq, Tk]; returns it left-padded to 4-D."""
+  b, tq, hq, _ = q.shape
+  tk = k.shape[1]
+  if bias.ndim > 4:
+    raise ValueError(f"bias must broadcast to [B, Hq, Tq, Tk]; got {bias.shape}")
+  bias4 = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+  for size, full, name in zip(bias4.shape, (b, hq, tq, tk), ("B", "Hq", "Tq", "Tk")):
+    if size not in (1, full):
+      raise ValueError(
+          f"bias must broadcast to [B={b}, Hq={hq}, Tq={tq}, Tk={tk}]; its {name} axis is {size}"
+          f" (bias shape {tuple(bias.shape)})")
+  return bias4
+
+
+def check_sinks(sinks, q):
+  hq = q.shape[2]
+  if tuple(sinks.shape) != (hq,):
+    raise ValueError(f"sinks must have shape ({hq},) (one logit per query head), got {sinks.shape}")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask_args: Optional[masking.MaskArgs] = None,
+    bias: Optional[jax.Array] = None,
+    scale: Optional[float] = None,
+    logits_soft_cap: Optional[float] = None,
+    sinks: Optional[jax.Array] = None,
+    return_lse: bool = False,
+    return_probs: bool = False,
+):
+  """Dense attention. Returns out [B, Tq, Hq, Dv] (+ lse [B, Hq, Tq]) (+ probs [B, Hq, Tq, Tk]).
+
+  `bias` broadcasts against [B, Hq, Tq, Tk]; `sinks` is [Hq]. `probs` are the
+  weights on the keys; with sinks a row sums to less than one.
+  """
+  check_qkv(q, k, v)
+  b, tq, hq, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  if scale is None:
+    scale = d ** -0.5
+  rep = hq // hkv
+  k_full = jnp.repeat(k, rep, axis=2)
+  v_full = jnp.repeat(v, rep, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k_full.astype(jnp.float32)) * scale
+  if logits_soft_cap is not None:
+    s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+  if bias is not None:
+    s = s + check_bias(bias, q, k).astype(jnp.float32)
+  allowed = None
+  if mask_args is not None:
+    allowed = masking.visible(mask_args, jnp.arange(tq), jnp.arange(tk))
+  if allowed is not None:
+    s = jnp.where(allowed, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  if sinks is not None:
+    check_sinks(sinks, q)
+    sink = sinks.astype(jnp.float32)[None, :, None, None]
+    m = jnp.maximum(m, sink)
+  # The shift cancels in the softmax; stopping its gradient keeps rows of all
+  # -inf from sending anything through max.
+  m = jax.lax.stop_gradient(m)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m_safe)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  if sinks is not None:
+    l = l + jnp.exp(sink - m_safe)
+  probs = p / jnp.where(l == 0, 1.0, l)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v_full.astype(jnp.float32)).astype(q.dtype)
+  results = [out]
+  if return_lse:
+    results.append(jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], -jnp.inf))
+  if return_probs:
+    results.append(probs)
+  return results[0] if len(results) == 1 else tuple(results)

@@ -1,0 +1,377 @@
+"""The memory-efficient XLA attention path against the dense reference, and the dispatch.
+
+Every comparison is relative to the reference's scale:
+    max |x - ref| / max |ref| < tol,
+tol = 1e-5 in float32 and 2e-2 for bfloat16 inputs (8-bit mantissa; the
+reference runs in float32 on the same rounded inputs). Outputs and the
+gradients with respect to q, k, v (and bias, sinks, when present) are checked
+for every case, and every array must be finite (no NaN from empty rows).
+Shapes are small and lengths odd so that blocks of 16/32 leave ragged tails;
+`block_b=block_h=1` forces one (batch, kv head) slab per loop step (the CPU
+layout), `None` lets small shapes take one slab (the accelerator layout).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import flash_attention
+from pallas_kernels.flash import api, masking, reference, xla
+
+F32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+def _inputs(b, tq, tk, hq, hkv, d, dv=None, dtype=jnp.float32, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  dv = dv or d
+  q = jax.random.normal(ks[0], (b, tq, hq, d)).astype(dtype)
+  k = jax.random.normal(ks[1], (b, tk, hkv, d)).astype(dtype)
+  v = jax.random.normal(ks[2], (b, tk, hkv, dv)).astype(dtype)
+  do = jax.random.normal(ks[3], (b, tq, hq, dv)).astype(dtype)
+  return q, k, v, do
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_cap=None,
+             return_lse=False, tol=F32_TOL, **blocks):
+  """Runs both paths (outputs and VJPs, in one jit) and checks them; returns (xla, ref) results."""
+  diff_args = {"q": q, "k": k, "v": v}
+  if bias is not None:
+    diff_args["bias"] = bias
+  if sinks is not None:
+    diff_args["sinks"] = sinks
+  dlse = None
+  if return_lse:
+    dlse = jax.random.normal(jax.random.PRNGKey(7), (q.shape[0], q.shape[2], q.shape[1]))
+
+  def run(fn, args):
+    def f(args):
+      return fn(args["q"], args["k"], args["v"], mask_args=mask_args, bias=args.get("bias"),
+                sinks=args.get("sinks"), logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    outs, vjp = jax.vjp(f, args)
+    (grads,) = vjp((do, dlse) if return_lse else do)
+    return outs, grads
+
+  @jax.jit
+  def both(args):
+    xla_fn = lambda *a, **kw: xla.attention(*a, **kw, **blocks)
+    # The reference in float32 on the same (possibly rounded) inputs.
+    def ref_fn(q, k, v, **kw):
+      f32 = lambda x: x.astype(jnp.float32)
+      outs = reference.attention(f32(q), f32(k), f32(v), **kw)
+      return (outs[0].astype(q.dtype), outs[1]) if return_lse else outs.astype(q.dtype)
+    return run(xla_fn, args), run(ref_fn, args)
+
+  (out, grads), (ref_out, ref_grads) = both(diff_args)
+  if return_lse:
+    (out, lse), (ref_out, ref_lse) = out, ref_out
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    assert _rel_err(np.where(finite, lse, 0), np.where(finite, ref_lse, 0)) < tol
+  assert out.dtype == q.dtype and out.shape == ref_out.shape
+  for name, x in [("out", out)] + sorted(grads.items()):
+    assert np.all(np.isfinite(np.asarray(x, np.float32))), f"{name} has non-finite values"
+    assert x.shape == diff_args.get(name, out).shape
+  assert _rel_err(out, ref_out) < tol, ("out", _rel_err(out, ref_out))
+  for name in grads:
+    assert grads[name].dtype == diff_args[name].dtype
+    err = _rel_err(grads[name], ref_grads[name])
+    assert err < tol, (f"d{name}", err)
+  return (out, grads), (ref_out, ref_grads)
+
+
+# ---------------------------------------------------------------------------
+# Mask kinds.
+
+B, T, HQ, HKV, D = 2, 37, 4, 2, 8
+
+
+def _segments(t):
+  """Three packed sequences and a tail, as a data pipeline packs them."""
+  seg = np.zeros((B, t), np.int32)
+  seg[0, :12], seg[0, 12:30], seg[0, 30:] = 1, 2, 3
+  seg[1, :20], seg[1, 20:] = 1, 2
+  return jnp.asarray(seg)
+
+
+MASKS = {
+    "none": dict(),
+    "causal": dict(is_causal=True),
+    "bidirectional_padding": dict(kv_lengths=jnp.array([T, 20])),
+    "padding_empty_batch_row": dict(is_causal=True, kv_lengths=jnp.array([25, 0])),
+    "segments_causal": dict(is_causal=True, segment_ids=_segments(T)),
+    "segments_bidirectional": dict(segment_ids=_segments(T)),
+    "prefix_lm": dict(is_causal=True, prefix_lengths=jnp.array([10, 0])),
+    "window_left": dict(is_causal=True, local_window_size=5),
+    "window_left_right": dict(local_window_size=(4, 6)),
+    "window_right_only": dict(local_window_size=(0, 3)),
+    "window_right_unbounded_left": dict(local_window_size=(None, 3)),
+    "chunked": dict(is_causal=True, chunk_size=8),
+    "dense": dict(mask=jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (B, 1, T, T))),
+    "dense_per_head": dict(mask=jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (1, HQ, T, T))),
+    "combined": dict(is_causal=True, local_window_size=9, segment_ids=_segments(T),
+                     kv_lengths=jnp.array([33, 17])),
+    "custom_positions": dict(is_causal=True,
+                             q_positions=jnp.tile(jnp.arange(T)[::-1], (B, 1)),
+                             kv_positions=jnp.tile(jnp.arange(T)[::-1], (B, 1))),
+}
+
+
+@pytest.mark.parametrize("slab", ["per_head", "whole"])
+@pytest.mark.parametrize("kind", sorted(MASKS))
+def test_mask_kinds(kind, slab):
+  if slab == "whole" and kind not in ("causal", "segments_causal", "dense_per_head", "combined"):
+    pytest.skip("the whole-slab layout is covered by a few kinds")
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D)
+  mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
+  blocks = dict(block_b=1, block_h=1) if slab == "per_head" else dict(block_b=B, block_h=HKV)
+  _compare(q, k, v, do, mask_args=mask_args, block_q=16, block_k=16, **blocks)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D)
+  # Batch row 1 sees no key; in row 0 the first 5 queries see none (window past the keys).
+  mask = np.ones((B, 1, T, T), bool)
+  mask[0, :, :5] = False
+  mask_args = masking.make_mask_args(B, T, T, kv_lengths=jnp.array([T, 0]), mask=jnp.asarray(mask))
+  (out, grads), _ = _compare(q, k, v, do, mask_args=mask_args, return_lse=True, block_q=16,
+                             block_k=16)
+  np.testing.assert_array_equal(out[1], 0.0)
+  np.testing.assert_array_equal(out[0, :5], 0.0)
+  np.testing.assert_array_equal(grads["q"][1], 0.0)
+  np.testing.assert_array_equal(grads["q"][0, :5], 0.0)
+  np.testing.assert_array_equal(grads["k"][1], 0.0)
+  np.testing.assert_array_equal(grads["v"][1], 0.0)
+  _, lse = xla.attention(q, k, v, mask_args=mask_args, return_lse=True, block_q=16, block_k=16)
+  assert np.all(np.isneginf(lse[1])) and np.all(np.isneginf(lse[0, :, :5]))
+
+
+# ---------------------------------------------------------------------------
+# Shapes: ragged lengths, Tq != Tk, GQA, head sizes.
+
+
+@pytest.mark.parametrize("tq,tk,block_q,block_k", [
+    (37, 37, 16, 16),
+    (100, 100, 32, 32),
+    (100, 100, 16, 32),
+    (5, 100, 16, 32),  # a few new tokens against a longer cache (bottom-right causal)
+    (1, 100, None, 32),  # one decode step
+    (100, 37, 32, 16),  # more queries than keys: the first 63 rows see nothing under causal
+    (64, 64, None, None),  # one block of the whole sequence: no loop at all
+])
+def test_lengths_and_blocks(tq, tk, block_q, block_k):
+  q, k, v, do = _inputs(B, tq, tk, HQ, HKV, D, seed=1)
+  mask_args = masking.make_mask_args(B, tq, tk, is_causal=True)
+  _compare(q, k, v, do, mask_args=mask_args, block_q=block_q, block_k=block_k, block_b=1,
+           block_h=1)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (4, 1)])
+def test_gqa_ratios(hq, hkv):
+  q, k, v, do = _inputs(B, T, T, hq, hkv, D, seed=2)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, segment_ids=_segments(T))
+  _compare(q, k, v, do, mask_args=mask_args, block_q=16, block_k=16, block_b=1, block_h=1)
+
+
+def test_value_head_dim_differs():
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, 16, dv=24, seed=3)
+  _compare(q, k, v, do, mask_args=masking.make_mask_args(B, T, T, is_causal=True), block_q=16,
+           block_k=16)
+
+
+def test_bfloat16():
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D, dtype=jnp.bfloat16, seed=4)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, segment_ids=_segments(T))
+  _compare(q, k, v, do, mask_args=mask_args, tol=BF16_TOL, block_q=16, block_k=16, block_b=1,
+           block_h=1)
+
+
+# ---------------------------------------------------------------------------
+# Score modifications and extra outputs.
+
+
+def test_logits_soft_cap():
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=5)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True)
+  # Scaled-up queries put many logits in tanh's curved range.
+  _compare(4 * q, k, v, do, mask_args=mask_args, logits_soft_cap=3.0, block_q=16, block_k=16,
+           block_b=1, block_h=1)
+
+
+@pytest.mark.parametrize("slab", [dict(block_b=1, block_h=1), dict()])
+def test_sinks(slab):
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=6)
+  sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+  # Batch row 1 has no visible key: its rows put all weight on the sink.
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, kv_lengths=jnp.array([T, 0]))
+  (out, grads), _ = _compare(q, k, v, do, mask_args=mask_args, sinks=sinks, return_lse=True,
+                             block_q=16, block_k=16, **slab)
+  np.testing.assert_array_equal(out[1], 0.0)
+  assert np.any(grads["sinks"] != 0)
+
+
+def test_return_lse_and_its_gradient():
+  q, k, v, do = _inputs(B, 100, 100, HQ, HKV, D, seed=7)
+  mask_args = masking.make_mask_args(B, 100, 100, is_causal=True, local_window_size=20)
+  _compare(q, k, v, do, mask_args=mask_args, return_lse=True, block_q=32, block_k=16, block_b=1,
+           block_h=1)
+
+
+@pytest.mark.parametrize("bias_shape", [(B, HQ, T, T), (1, HQ, T, T), (B, 1, 1, T), (T, T)])
+def test_bias_and_its_gradient(bias_shape):
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=8)
+  bias = jax.random.normal(jax.random.PRNGKey(9), bias_shape)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True)
+  _compare(q, k, v, do, mask_args=mask_args, bias=bias, block_q=16, block_k=16, block_b=1,
+           block_h=1)
+
+
+def test_everything_at_once():
+  q, k, v, do = _inputs(B, 100, 100, 8, 2, D, dv=12, seed=10)
+  bias = jax.random.normal(jax.random.PRNGKey(11), (1, 8, 100, 100))
+  sinks = jax.random.normal(jax.random.PRNGKey(12), (8,))
+  mask_args = masking.make_mask_args(
+      B, 100, 100, is_causal=True, local_window_size=40, segment_ids=_segments(100),
+      kv_lengths=jnp.array([90, 60]))
+  _compare(q, k, v, do, mask_args=mask_args, bias=bias, sinks=sinks, logits_soft_cap=5.0,
+           return_lse=True, block_q=32, block_k=16, block_b=1, block_h=1)
+
+
+# ---------------------------------------------------------------------------
+# Memory: O(T) in sequence length, forward and backward.
+
+
+def test_compiled_memory_grows_linearly():
+  def temp_bytes(t):
+    q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+
+    def loss(q, k, v):
+      mask_args = masking.make_mask_args(1, t, t, is_causal=True)
+      return xla.attention(q, k, v, mask_args=mask_args, block_q=256, block_k=256).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(2048), temp_bytes(4096)
+  # Quadratic would be 4x; the O(T) buffers (inputs in head-major layout, dQ,
+  # lse) double and the per-tile scratch stays the same.
+  assert large / small < 2.3, (small, large)
+  # And far below one [T, T] float32 score matrix per head.
+  assert large < 4096 * 4096 * 4
+
+
+# ---------------------------------------------------------------------------
+# Defaults.
+
+
+@pytest.mark.parametrize("length,block", [(1, 1), (37, 37), (512, 512), (513, 264), (600, 304),
+                                          (1024, 512), (4096, 512)])
+def test_default_block(length, block):
+  assert xla.default_block(length) == block
+
+
+def test_default_slab():
+  assert xla.default_slab(8, 8, 1, 512, 512, "gpu") == (8, 8)
+  assert xla.default_slab(8, 8, 1, 512, 512, "cpu") == (1, 2)  # 2 x 512 x 512 scores: 2 MiB
+  assert xla.default_slab(64, 1, 1, 64, 64, "cpu") == (64, 1)
+  assert xla.default_slab(1, 1, 32, 512, 512, "cpu") == (1, 1)  # over budget, never smaller
+
+
+# ---------------------------------------------------------------------------
+# The public dispatch.
+
+
+def test_flash_attention_matches_reference_and_auto_picks_xla_on_cpu():
+  q, k, v, _ = _inputs(B, T, T, HQ, HKV, D)
+  kw = dict(is_causal=True, segment_ids=_segments(T), block_q=16, block_k=16)
+  auto = flash_attention(q, k, v, **kw)
+  np.testing.assert_array_equal(auto, flash_attention(q, k, v, implementation="xla", **kw))
+  ref = flash_attention(q, k, v, implementation="reference", **kw)
+  assert _rel_err(auto, ref) < F32_TOL
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True)
+  call = api.describe_call(q, k, v, mask_args=mask_args)
+  assert call.platform == "cpu" and call.mask_kinds == {"causal"} and call.group_size == 2
+  assert api.select_backend(call, "auto") is api.XLA
+
+
+def test_flash_attention_returns_lse_and_differentiates():
+  q, k, v, _ = _inputs(B, T, T, HQ, HKV, D)
+  out, lse = flash_attention(q, k, v, is_causal=True, return_lse=True)
+  assert out.shape == q.shape and lse.shape == (B, HQ, T)
+  grads = jax.grad(lambda q: flash_attention(q, k, v, is_causal=True).sum())(q)
+  assert np.all(np.isfinite(grads))
+
+
+def test_unknown_implementation_is_an_error_naming_the_choices():
+  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
+  with pytest.raises(ValueError, match=r"implementation.*'xla'.*'nope'"):
+    flash_attention(q, k, v, implementation="nope")
+
+
+@pytest.mark.parametrize("name", ["pallas", "pallas_interpret", "cudnn"])
+def test_planned_backends_are_not_silent_fallbacks(name):
+  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
+  with pytest.raises(NotImplementedError, match=name):
+    flash_attention(q, k, v, implementation=name)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=jnp.zeros((1, 8, 2))), "q, k, v must be"),
+    (dict(k=jnp.zeros((1, 8, 3, 8)), v=jnp.zeros((1, 8, 3, 8))), "multiple of kv heads"),
+    (dict(v=jnp.zeros((1, 9, 2, 8))), "k and v"),
+    (dict(k=jnp.zeros((1, 8, 2, 4))), "head_dim"),
+    (dict(bias=jnp.zeros((1, 3, 8, 8))), "bias"),
+    (dict(mask=jnp.ones((1, 3, 8, 8), bool)), "mask"),
+    (dict(sinks=jnp.zeros((3,))), "sinks"),
+    (dict(segment_ids=jnp.zeros((1, 7), jnp.int32)), "segment_ids"),
+    (dict(kv_lengths=jnp.zeros((2,), jnp.int32)), "kv_lengths"),
+    (dict(local_window_size=-1), "local_window_size"),
+    (dict(logits_soft_cap=0.0), "logits_soft_cap"),
+    (dict(q=jnp.zeros((1, 8, 2, 8), jnp.int32)), "q must be a floating"),
+])
+def test_bad_arguments_are_named(change, match):
+  args = dict(q=jnp.zeros((1, 8, 2, 8)), k=jnp.zeros((1, 8, 2, 8)), v=jnp.zeros((1, 8, 2, 8)))
+  args.update(change)
+  q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+  with pytest.raises(ValueError, match=match):
+    flash_attention(q, k, v, **args)
+
+
+def test_auto_skips_an_unsupported_backend_and_logs_once(monkeypatch, caplog):
+  class OnlyCausal:
+    name = "only_causal"
+
+    def __init__(self):
+      self.calls = 0
+
+    def is_supported(self, call):
+      return ("causal" in call.mask_kinds), "needs a causal mask"
+
+    def __call__(self, q, k, v, **kw):
+      self.calls += 1
+      return jnp.zeros(q.shape[:3] + v.shape[3:], q.dtype)
+
+  backend = OnlyCausal()
+  monkeypatch.setitem(api.BACKENDS, "cpu", list(api.BACKENDS["cpu"]))
+  api.register_backend(backend, ["cpu"])
+  assert [b.name for b in api.BACKENDS["cpu"]] == ["only_causal", "xla"]
+  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
+  with caplog.at_level(logging.WARNING, logger=api.__name__):
+    for _ in range(3):
+      out = flash_attention(q, k, v)
+  assert backend.calls == 0 and np.any(out != 0)
+  skips = [r for r in caplog.records if "only_causal" in r.getMessage()]
+  assert len(skips) == 1 and "needs a causal mask" in skips[0].getMessage()
+  flash_attention(q, k, v, is_causal=True)
+  assert backend.calls == 1
+  with pytest.raises(ValueError, match="needs a causal mask"):
+    flash_attention(q, k, v, implementation="only_causal")

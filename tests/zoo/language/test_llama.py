@@ -1,0 +1,80 @@
+"""The decoder LM: causal, packing-exact, per-layer families, errors that name the setting."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.numerics import rel_err
+from zoo.language.llama import DecoderLM, LMConfig, parse_pattern
+from zoo.registry import build_model
+
+
+def tiny(**kw):
+  base = dict(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  base.update(kw)
+  return DecoderLM(LMConfig(**base), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("positional", ["rope", "nope"])
+def test_causal(positional):
+  model = tiny(positional=positional)
+  toks = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
+  toks2 = toks.at[:, 9:].set((toks[:, 9:] + 7) % 50)
+  a, b = model(toks), model(toks2)
+  np.testing.assert_allclose(a[:, :9], b[:, :9], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(a[:, 9:] - b[:, 9:]).max()) > 1e-3
+
+
+def test_packed_equals_separate_documents():
+  model = tiny()
+  d1 = jax.random.randint(jax.random.key(1), (1, 7), 0, 50)
+  d2 = jax.random.randint(jax.random.key(2), (1, 5), 0, 50)
+  packed = jnp.concatenate([d1, d2], 1)
+  seg = jnp.array([[1] * 7 + [2] * 5])
+  pos = jnp.array([list(range(7)) + list(range(5))])
+  out = model(packed, segment_ids=seg, positions=pos)
+  assert rel_err(out[:, :7], model(d1)) < 1e-5
+  assert rel_err(out[:, 7:], model(d2)) < 1e-5
+
+
+def test_untied_head_and_shapes():
+  model = tiny(tie_embeddings=False, num_kv_heads=1)
+  assert model(jnp.zeros((3, 4), jnp.int32)).shape == (3, 4, 50)
+  assert model.head.kernel.shape == (32, 50)
+
+
+def test_pattern_cycles_and_rejects_unknown_ids():
+  assert parse_pattern("mha", 3) == ("mha",) * 3
+  assert parse_pattern(["mha"], 2) == ("mha", "mha")
+  with pytest.raises(ValueError, match=r"unknown attention family 'bogus' in model.attention"):
+    parse_pattern("mha,bogus", 4)
+
+
+def _model_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(name="llama_lm", vocab_size=50, d_model=32, num_layers=1,
+                                     num_heads=4, num_kv_heads=4, mlp_dim=64))
+  c.update(kw)
+  return c
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_kv_heads=3), r"model: num_heads=4 is not a multiple of num_kv_heads=3"),
+    (dict(positional="alibi9"), r"unknown positional encoding 'alibi9' \(model.positional\)"),
+    (dict(attention="nope_such"), r"model.attention"),
+    (dict(name="gpt9"), r"unknown model 'gpt9' \(model.name\)"),
+    (dict(bogus_field=1), r"model.bogus_field"),
+])
+def test_config_errors_name_the_setting(kw, match):
+  with pytest.raises(ValueError, match=match):
+    build_model(_model_cfg(**kw))
+
+
+def test_train_flops_per_token_counts_matmuls():
+  model = tiny()
+  cfg = model.cfg
+  per_layer = 32 * (4 * 8) + 2 * 32 * (2 * 8) + (4 * 8) * 32 + 3 * 32 * 64
+  expected = 6 * (2 * per_layer + 50 * 32) + 12 * 2 * 4 * 8 * 16
+  assert model.train_flops_per_token(16) == expected

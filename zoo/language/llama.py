@@ -1,0 +1,163 @@
+"""`llama_lm`: a decoder-only LM in the style of "LLaMA: Open and Efficient Foundation Language Models".
+
+    h_0 = Embed(tokens)
+    h_l = Block_l(h_{l-1})   (pre-norm RMSNorm, attention family of layer l, SwiGLU MLP)
+    logits = Norm(h_L) . W_out      (W_out = Embed^T when embeddings are tied)
+
+Positions come from RoPE (or NoPE) inside each attention layer; heads are GQA
+when num_kv_heads < num_heads. The attention family is chosen per layer by id
+(`model.attention`: one id, or a comma-separated pattern cycled over layers,
+e.g. "mha,mha,mha,sliding" style patterns once more families are registered).
+Packed batches pass `segment_ids` and per-document `positions`: tokens then
+see only their own document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.attention import registry as attention_registry
+from layers.attention.config import AttentionConfig
+from layers.attention.masks import Mask
+from layers.attention.positional import POSITIONAL
+from layers.block import TransformerBlock
+from layers.embeddings import Embed
+from layers.linear import Linear
+from layers.norms import make_norm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_pattern(attention, num_layers: int) -> Tuple[str, ...]:
+  """'mha' or 'a,b,c' (or a sequence) -> one family id per layer, the pattern cycled."""
+  ids = [s.strip() for s in attention.split(",")] if isinstance(attention, str) else list(attention)
+  if not ids or any(not i for i in ids):
+    raise ValueError(f"model.attention={attention!r} names no family")
+  known = attention_registry.names()
+  for i in ids:
+    if i not in known:
+      raise ValueError(f"unknown attention family {i!r} in model.attention; registered: {known}")
+  return tuple(ids[l % len(ids)] for l in range(num_layers))
+
+
+def parse_dtype(name: str, field: str):
+  if name not in DTYPES:
+    raise ValueError(f"{field}={name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  mlp_dim: int = 688
+  mlp_kind: str = "swiglu"
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  attention: str = "mha"
+  positional: str = "rope"
+  rope_base: float = 10_000.0
+  rope_scaling: float = 1.0
+  window: Optional[int] = None
+  tie_embeddings: bool = True
+  max_seq_len: int = 2048
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  implementation: str = "auto"
+  remat: bool = False
+  attention_options: Tuple[Tuple[str, object], ...] = ()
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "LMConfig":
+    """From the `config.model` ConfigDict; unknown fields are an error naming them."""
+    d = {k: v for k, v in dict(model_cfg).items() if k != "name"}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown model fields for llama_lm: {['model.' + u for u in unknown]}")
+    if "attention_options" in d:
+      d["attention_options"] = tuple(sorted(dict(d["attention_options"] or {}).items()))
+    if d.get("vocab_size") is None:
+      raise ValueError("model.vocab_size is not set (the loop fills it from the dataset)")
+    return cls(**d)
+
+  def attention_config(self, layer: int) -> AttentionConfig:
+    del layer  # every layer shares the head layout; the family may differ
+    if self.positional not in POSITIONAL:
+      raise ValueError(
+          f"unknown positional encoding {self.positional!r} (model.positional); "
+          f"choose one of {sorted(POSITIONAL)}")
+    try:
+      return AttentionConfig(
+          d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+          head_dim=self.head_dim, causal=True, positional=self.positional,
+          rope_base=self.rope_base, rope_scaling=self.rope_scaling, window=self.window,
+          implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
+          param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
+          options=dict(self.attention_options))
+    except ValueError as e:
+      raise ValueError(f"model: {e}") from None
+
+
+class DecoderLM(nnx.Module):
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    families = parse_pattern(cfg.attention, cfg.num_layers)
+    dtype = parse_dtype(cfg.dtype, "model.dtype")
+    param_dtype = parse_dtype(cfg.param_dtype, "model.param_dtype")
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
+                         mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
+                         norm_eps=cfg.norm_eps, rngs=rngs)
+        for l in range(cfg.num_layers)])
+    self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+    self.head = None if cfg.tie_embeddings else Linear(
+        cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    """tokens [B, T] int -> logits [B, T, vocab] in float32."""
+    b, t = tokens.shape
+    if t > self.cfg.max_seq_len:
+      raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = Mask(causal=True)
+    if segment_ids is not None:
+      mask = mask.with_segments(segment_ids, positions)
+    x = self.embed(tokens)
+    for block in self.blocks:
+      if self.cfg.remat:
+        x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions))(block, x)
+      else:
+        x = block(x, mask=mask, positions=positions)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32)
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU:
+    6 * N_matmul + 12 * L * Hq * Dh * T (score and value matmuls, causal not halved)."""
+    cfg = self.cfg
+    n = 0
+    for path, p in nnx.iter_graph(self):
+      if isinstance(p, nnx.Param) and len(p.shape) >= 2 and "embedding" not in path:
+        n += math.prod(p.shape)
+    if cfg.tie_embeddings:  # the tied table is a matmul at the head
+      n += cfg.vocab_size * cfg.d_model
+    acfg = cfg.attention_config(0)
+    return 6.0 * n + 12.0 * cfg.num_layers * acfg.num_heads * acfg.head_dim * seq_len

@@ -1,0 +1,22 @@
+"""Model name -> constructor. Each constructor takes the `config.model` ConfigDict."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from flax import nnx
+
+
+def _llama_lm(model_cfg, rngs: nnx.Rngs):
+  from zoo.language.llama import DecoderLM, LMConfig
+  return DecoderLM(LMConfig.from_config(model_cfg), rngs=rngs)
+
+
+MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm}
+
+
+def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:
+  name = model_cfg.get("name")
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r} (model.name); choose one of {sorted(MODELS)}")
+  return MODELS[name](model_cfg, nnx.Rngs(params=seed))
