@@ -27,4 +27,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from zoo.cli import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -157,19 +157,7 @@ def attention(
 
 
 # ---------------------------------------------------------------------------
-# Layout: the user's [B, T, H, D] <-> head-major tiles.
-
-
-def _grouped_queries(x, hkv, t_padded):
-  """[B, T, Hq, D] -> [B, Hkv, G, T_padded, D] (query head h = kv * G + g)."""
-  b, t, hq, d = x.shape
-  x = x.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
-  return _pad_axis(x, 3, t_padded)
-
-
-def _head_major(x, t_padded):
-  """[B, T, Hkv, D] -> [B, Hkv, T_padded, D]."""
-  return _pad_axis(x.transpose(0, 2, 1, 3), 2, t_padded)
+# Layout helpers.
 
 
 def _grouped_bias(bias4, hkv, cfg):
@@ -333,7 +321,12 @@ def _divisors(n):
 
 @dataclasses.dataclass(frozen=True)
 class _Slab:
-  """Slab `index` of a call: batch rows [b0, b0 + Bs), kv heads [h0, h0 + Hs)."""
+  """Slab `index` of a call: batch rows [b0, b0 + Bs), kv heads [h0, h0 + Hs).
+
+  Slabs are cut straight from the caller's [B, T, H, D] arrays and written
+  straight back, so the move to the head-major tile layout is one fused copy
+  per slab (never a whole head-major copy of q, k, v and dO).
+  """
 
   cfg: _Config
   kv_heads: int
@@ -348,11 +341,43 @@ class _Slab:
   def h0(self):
     return (self.index % (self.kv_heads // self.cfg.block_h)) * self.cfg.block_h
 
+  def _rows_heads(self, x, head_axis, per_head):
+    x = _block(x, 0, self.b0, self.cfg.block_b)
+    return _block(x, head_axis, self.h0 * per_head, self.cfg.block_h * per_head)
+
+  def queries(self, x):
+    """[B, Tq, Hq, D] -> [Bs, Hs, G, Tq_padded, D] (query head h = kv * G + g)."""
+    x = self._rows_heads(x, 2, self.group)
+    bs, t, _, d = x.shape
+    x = x.reshape(bs, t, self.cfg.block_h, self.group, d).transpose(0, 2, 3, 1, 4)
+    return _pad_axis(x, 3, self.cfg.tq_padded)
+
+  def keys(self, x):
+    """[B, Tk, Hkv, D] -> [Bs, Hs, Tk_padded, D]."""
+    x = self._rows_heads(x, 2, 1).transpose(0, 2, 1, 3)
+    return _pad_axis(x, 2, self.cfg.tk_padded)
+
+  def rows(self, x):
+    """[B, Hkv, G, Tq_padded] -> [Bs, Hs, G, Tq_padded] (lse, delta)."""
+    return self._rows_heads(x, 1, 1)
+
+  def put_queries(self, buf, x):
+    """Writes [Bs, Hs, G, Tq_padded, D] into buf [B, Tq, Hq, D] (and casts to its dtype)."""
+    bs, hs, g, _, d = x.shape
+    x = x[:, :, :, :self.cfg.tq].transpose(0, 3, 1, 2, 4).reshape(bs, self.cfg.tq, hs * g, d)
+    return _put(buf, x.astype(buf.dtype), (self.b0, 0, self.h0 * g, 0))
+
+  def put_keys(self, buf, x):
+    """Writes [Bs, Hs, Tk_padded, D] into buf [B, Tk, Hkv, D]."""
+    x = x[:, :, :self.cfg.tk].transpose(0, 2, 1, 3)
+    return _put(buf, x.astype(buf.dtype), (self.b0, 0, self.h0, 0))
+
+  def put_rows(self, buf, x):
+    return _put(buf, x, (self.b0, self.h0, 0, 0))
+
   def of_bias(self, bias_g):
     """[B|1, Hkv|1, G|1, Tq|1, Tk|1] -> this slab's part."""
-    if bias_g is None:
-      return None
-    return _block(_block(bias_g, 0, self.b0, self.cfg.block_b), 1, self.h0, self.cfg.block_h)
+    return None if bias_g is None else self._rows_heads(bias_g, 1, 1)
 
   def of_sinks(self, sinks_g):
     """[Hkv, G] -> [Hs, G]."""
@@ -362,41 +387,26 @@ class _Slab:
     if m is None:
       return None
     rows = lambda x: None if x is None else _block(x, 0, self.b0, self.cfg.block_b)
-    dense = rows(m.dense)
-    if dense is not None:
-      dense = _block(dense, 1, self.h0 * self.group, self.cfg.block_h * self.group)
+    dense = None if m.dense is None else self._rows_heads(m.dense, 1, self.group)
     return dataclasses.replace(
         m, q_segment_ids=rows(m.q_segment_ids), kv_segment_ids=rows(m.kv_segment_ids),
         q_positions=rows(m.q_positions), kv_positions=rows(m.kv_positions),
         prefix_lengths=rows(m.prefix_lengths), kv_lengths=rows(m.kv_lengths), dense=dense)
 
 
-def _scan_slabs(cfg, fn, carry, *arrays):
-  """Runs fn(carry, slab, *slab_arrays) -> (carry, outputs) over all slabs.
+def _put(buf, x, starts):
+  """buf with x written at `starts`; x itself when it is the whole of buf."""
+  if x.shape == buf.shape:
+    return x
+  return lax.dynamic_update_slice(buf, x, [jnp.asarray(i, jnp.int32) for i in starts])
 
-  `arrays` and `outputs` lead with [B, Hkv]; slab arrays with [Bs, Hs].
-  """
-  b, hkv = arrays[0].shape[:2]
-  bs, hs = cfg.block_b, cfg.block_h
-  n = (b // bs) * (hkv // hs)
-  group = arrays[0].shape[2]  # every slab array is [B, Hkv, G, ...] or [B, Hkv, T, D]; only
-  # the first (the queries) is read for G.
+
+def _for_each_slab(cfg, batch, kv_heads, group, body, carry):
+  """carry = body(slab, carry) for every slab, in a loop unless there is only one."""
+  n = (batch // cfg.block_b) * (kv_heads // cfg.block_h)
   if n == 1:
-    return fn(carry, _Slab(cfg, hkv, group, 0), *arrays)
-
-  def split(x):  # [B, Hkv, ...] -> [n, Bs, Hs, ...]; one of the moved axes has size 1
-    x = x.reshape(b // bs, bs, hkv // hs, hs, *x.shape[2:])
-    return jnp.swapaxes(x, 1, 2).reshape(n, bs, hs, *x.shape[4:])
-
-  def merge(x):
-    x = x.reshape(b // bs, hkv // hs, bs, hs, *x.shape[3:])
-    return jnp.swapaxes(x, 1, 2).reshape(b, hkv, *x.shape[4:])
-
-  def step(c, xs):
-    return fn(c, _Slab(cfg, hkv, group, xs[0]), *xs[1:])
-
-  carry, outputs = lax.scan(step, carry, (jnp.arange(n), *map(split, arrays)))
-  return carry, jax.tree.map(merge, outputs)
+    return body(_Slab(cfg, kv_heads, group, 0), carry)
+  return lax.fori_loop(0, n, lambda i, c: body(_Slab(cfg, kv_heads, group, i), c), carry)
 
 
 # ---------------------------------------------------------------------------
@@ -484,7 +494,7 @@ def _backward_slab(cfg, q, k, v, do, lse, delta, bias, mask_args):
   dbias0 = None if bias is None else jnp.zeros(bias.shape, _F32)
   if nk == 1:
     dk, dv, dq, dbias = k_block(0, dq0, dbias0)
-    return dq, dk, dv, dbias
+    return jnp.moveaxis(dq, 2, -1), dk, dv, dbias
 
   def scan_step(carry, j):
     dk, dv, dq, dbias = k_block(j, *carry)
@@ -492,7 +502,7 @@ def _backward_slab(cfg, q, k, v, do, lse, delta, bias, mask_args):
 
   (dq, dbias), (dk, dv) = lax.scan(scan_step, (dq0, dbias0), jnp.arange(nk))
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(bs, hs, cfg.tk_padded, x.shape[-1])
-  return dq, unblock(dk), unblock(dv), dbias
+  return jnp.moveaxis(dq, 2, -1), unblock(dk), unblock(dv), dbias
 
 
 # ---------------------------------------------------------------------------
@@ -504,51 +514,48 @@ def _forward(cfg, q, k, v, bias, sinks, mask_args):
   b, tq, hq, _ = q.shape
   hkv, dv = v.shape[2], v.shape[3]
   g = hq // hkv
-  qg = _grouped_queries(q, hkv, cfg.tq_padded)
-  kh, vh = _head_major(k, cfg.tk_padded), _head_major(v, cfg.tk_padded)
   bias_g = None if bias is None else _grouped_bias(bias, hkv, cfg)
   sinks_g = None if sinks is None else sinks.astype(_F32).reshape(hkv, g)
 
-  def slab_forward(carry, slab, q_s, k_s, v_s):
-    return carry, _forward_slab(cfg, q_s, k_s, v_s, slab.of_bias(bias_g), slab.of_sinks(sinks_g),
-                                slab.of_mask(mask_args))
+  def slab_forward(slab, carry):
+    out, lse = carry
+    out_s, lse_s = _forward_slab(cfg, slab.queries(q), slab.keys(k), slab.keys(v),
+                                 slab.of_bias(bias_g), slab.of_sinks(sinks_g),
+                                 slab.of_mask(mask_args))
+    return slab.put_queries(out, out_s), slab.put_rows(lse, lse_s)
 
-  _, (out, lse) = _scan_slabs(cfg, slab_forward, (), qg, kh, vh)
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, cfg.tq_padded, hq, dv)[:, :tq]
-  return out, lse
+  carry = (jnp.zeros((b, tq, hq, dv), q.dtype), jnp.zeros((b, hkv, g, cfg.tq_padded), _F32))
+  return _for_each_slab(cfg, b, hkv, g, slab_forward, carry)
 
 
 def _backward(cfg, res, cotangents):
   """Cotangents of (q, k, v, bias, sinks, mask_args) from those of (out, lse)."""
   q, k, v, bias, sinks, mask_args, out, lse = res
   d_out, d_lse = cotangents
-  b, tq, hq, d = q.shape
-  tk, hkv, dv = k.shape[1], v.shape[2], v.shape[3]
+  b, _, hq, _ = q.shape
+  hkv = v.shape[2]
   g = hq // hkv
-  qg = _grouped_queries(q, hkv, cfg.tq_padded)
-  kh, vh = _head_major(k, cfg.tk_padded), _head_major(v, cfg.tk_padded)
-  # Padded query rows get dO = 0 and therefore contribute nothing to dK, dV.
-  dog = _grouped_queries(d_out, hkv, cfg.tq_padded)
+  # delta_i = rowsum(dO_i * O_i) - dlse_i, in the [B, Hkv, G, Tq_padded] layout of lse.
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)  # [B, Tq, Hq]
-  delta = _grouped_queries(delta[..., None], hkv, cfg.tq_padded)[..., 0]
-  delta = delta - d_lse.astype(_F32)
+  delta = delta.reshape(b, -1, hkv, g).transpose(0, 2, 3, 1)
+  delta = _pad_axis(delta, 3, cfg.tq_padded) - d_lse.astype(_F32)
   # Every pair of an empty row (lse = -inf) has S = -inf; any finite shift makes P = 0 there.
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   bias_g = None if bias is None else _grouped_bias(bias, hkv, cfg)
 
-  def slab_backward(dbias, slab, q_s, k_s, v_s, do_s, lse_s, delta_s):
+  def slab_backward(slab, carry):
+    dq, dk, dv, dbias = carry
+    # Padded query rows get dO = 0 and therefore contribute nothing to dK, dV.
     dq_s, dk_s, dv_s, dbias_s = _backward_slab(
-        cfg, q_s, k_s, v_s, do_s, lse_s, delta_s, slab.of_bias(bias_g), slab.of_mask(mask_args))
+        cfg, slab.queries(q), slab.keys(k), slab.keys(v), slab.queries(d_out),
+        slab.rows(lse_safe), slab.rows(delta), slab.of_bias(bias_g), slab.of_mask(mask_args))
     if dbias is not None:
       dbias = _accumulate(dbias, dbias_s, {0: slab.b0, 1: slab.h0})
-    return dbias, (dq_s, dk_s, dv_s)
+    return (slab.put_queries(dq, dq_s), slab.put_keys(dk, dk_s), slab.put_keys(dv, dv_s), dbias)
 
-  dbias0 = None if bias_g is None else jnp.zeros(bias_g.shape, _F32)
-  dbias, (dq, dk, dv_) = _scan_slabs(cfg, slab_backward, dbias0, qg, kh, vh, dog, lse_safe, delta)
-
-  dq = dq.transpose(0, 4, 1, 3, 2).reshape(b, cfg.tq_padded, hq, d)[:, :tq].astype(q.dtype)
-  dk = dk.transpose(0, 2, 1, 3)[:, :tk].astype(k.dtype)
-  dv_ = dv_.transpose(0, 2, 1, 3)[:, :tk].astype(v.dtype)
+  carry = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v),
+           None if bias_g is None else jnp.zeros(bias_g.shape, _F32))
+  dq, dk, dv, dbias = _for_each_slab(cfg, b, hkv, g, slab_backward, carry)
   dbias_out = None
   if bias is not None:
     dbias_out = dbias[..., :bias.shape[2], :bias.shape[3]].reshape(bias.shape).astype(bias.dtype)
@@ -556,7 +563,7 @@ def _backward(cfg, res, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(_F32).reshape(1, hkv, g, 1) - lse)
     dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(hq).astype(sinks.dtype)
-  return dq, dk, dv_, dbias_out, dsinks, None
+  return dq, dk, dv, dbias_out, dsinks, None
 
 
 def _accumulate(acc, x, starts):

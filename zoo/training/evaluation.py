@@ -21,8 +21,10 @@ def eval_step_fn(setup, task):
   return jax.jit(lambda params, batch: task(setup.merge(params), batch)[1])
 
 
-def run_eval(config, data_cfg, params, eval_step, batch_sharding, *, split: str = "validation",
+def run_eval(config, data_cfg, params, eval_step, batch_sharding, *,
              max_batches: int = 0) -> Dict[str, float]:
+  """Metrics over data_cfg's eval split (data.eval_split), at most max_batches (0: all)."""
+  split = data_cfg.get("eval_split", "validation")
   it = zoo.data.build_iterator(
       data_cfg, split=split, seq_len=config.seq_len,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed, train=False,

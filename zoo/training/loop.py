@@ -109,7 +109,7 @@ def make_train_step(setup, task, config, schedule):
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
     metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
                "tokens": sums["weight_sum"]}
     return new_state, metrics
 
@@ -124,6 +124,11 @@ def train(config, workdir: str) -> Dict[str, float]:
   setup = make_model_setup(config, mesh)  # validates model.* before any compute
   task = get_task(config.task)
   config_json = config.to_json()
+  # Opening the data validates data.* (missing datasets, bad settings) before anything is written.
+  train_iter = zoo.data.build_iterator(
+      config.data, split=config.data.get("train_split", "train"), seq_len=config.seq_len,
+      batch_size=local_batch, seed=config.seed, train=True, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   ckpt.check_compatible(json.loads(config_json))
@@ -137,10 +142,6 @@ def train(config, workdir: str) -> Dict[str, float]:
     data_state = meta["data_state"]
   start = int(start or 0)
 
-  train_iter = zoo.data.build_iterator(
-      config.data, split="train", seq_len=config.seq_len, batch_size=local_batch,
-      seed=config.seed, train=True, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
   if data_state is not None:
     train_iter.set_state(data_state)
 

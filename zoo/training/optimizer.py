@@ -28,7 +28,8 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   kind = opt_cfg.schedule
   if warmup < 0:
     raise ValueError(f"optimizer.warmup_steps={warmup} must be >= 0")
-  warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  # The first update already uses lr / warmup (a warmup from 0 would waste step 1).
+  warm = optax.linear_schedule(lr / max(warmup, 1), lr, max(warmup - 1, 0))
   if kind == "constant":
     main = optax.constant_schedule(lr)
   elif kind == "warmup_cosine":

@@ -50,12 +50,13 @@ def mesh_shape(mesh_cfg, num_devices: int) -> Dict[str, int]:
   known = math.prod(n for n in shape.values() if n != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"mesh sizes {shape} do not divide the {num_devices} devices")
+      raise ValueError(f"mesh.data/mesh.fsdp/mesh.tensor = {shape} do not divide the "
+                       f"{num_devices} available devices")
     shape[fill[0]] = num_devices // known
   if math.prod(shape.values()) != num_devices:
     raise ValueError(
-        f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are available; "
-        "set mesh.data/mesh.fsdp/mesh.tensor so their product matches (or use -1)")
+        f"mesh.data/mesh.fsdp/mesh.tensor = {shape} make {math.prod(shape.values())} devices but "
+        f"{num_devices} are available; make their product match (or set one to -1)")
   return shape
 
 

@@ -56,8 +56,19 @@ def make_model_setup(config, mesh: Mesh) -> ModelSetup:
   return ModelSetup(graphdef, param_shardings, abstract_model, tx, init_fn)
 
 
+def opt_state_shardings(setup: ModelSetup, mesh: Mesh):
+  """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_params = jax.eval_shape(setup.init_fn)
+  abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
+  return optax.tree_map_params(
+      setup.tx, lambda _, sharding: sharding, abstract_opt, setup.param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def init_train_state(setup: ModelSetup, mesh: Mesh):
   params = setup.init_fn()
-  opt_state = jax.jit(setup.tx.init)(params)
+  opt_state = jax.jit(setup.tx.init, out_shardings=opt_state_shardings(setup, mesh))(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return {"step": step, "params": params, "opt_state": opt_state}

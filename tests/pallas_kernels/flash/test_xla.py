@@ -25,14 +25,28 @@ F32_TOL = 1e-5
 BF16_TOL = 2e-2
 
 
+# The cases differ in structure, so each compiles its own program; XLA's LLVM
+# optimisation dominates that time and changes no numerics, so it is turned
+# down. Inputs come from numpy so that making them compiles nothing.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
+
+
 def _inputs(b, tq, tk, hq, hkv, d, dv=None, dtype=jnp.float32, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   dv = dv or d
-  q = jax.random.normal(ks[0], (b, tq, hq, d)).astype(dtype)
-  k = jax.random.normal(ks[1], (b, tk, hkv, d)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, tk, hkv, dv)).astype(dtype)
-  do = jax.random.normal(ks[3], (b, tq, hq, dv)).astype(dtype)
+  q = _normal((seed, 0), (b, tq, hq, d), dtype)
+  k = _normal((seed, 1), (b, tk, hkv, d), dtype)
+  v = _normal((seed, 2), (b, tk, hkv, dv), dtype)
+  do = _normal((seed, 3), (b, tq, hq, dv), dtype)
   return q, k, v, do
+
+
+def _jit(fn, *args):
+  """fn(*args), compiled once with FAST_COMPILE."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
 def _rel_err(x, ref):
@@ -50,7 +64,7 @@ def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_
     diff_args["sinks"] = sinks
   dlse = None
   if return_lse:
-    dlse = jax.random.normal(jax.random.PRNGKey(7), (q.shape[0], q.shape[2], q.shape[1]))
+    dlse = _normal(7, (q.shape[0], q.shape[2], q.shape[1]))
 
   def run(fn, args):
     def f(args):
@@ -60,7 +74,6 @@ def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_
     (grads,) = vjp((do, dlse) if return_lse else do)
     return outs, grads
 
-  @jax.jit
   def both(args):
     xla_fn = lambda *a, **kw: xla.attention(*a, **kw, **blocks)
     # The reference in float32 on the same (possibly rounded) inputs.
@@ -70,7 +83,7 @@ def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_
       return (outs[0].astype(q.dtype), outs[1]) if return_lse else outs.astype(q.dtype)
     return run(xla_fn, args), run(ref_fn, args)
 
-  (out, grads), (ref_out, ref_grads) = both(diff_args)
+  (out, grads), (ref_out, ref_grads) = _jit(both, diff_args)
   if return_lse:
     (out, lse), (ref_out, ref_lse) = out, ref_out
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
@@ -116,8 +129,8 @@ MASKS = {
     "window_right_only": dict(local_window_size=(0, 3)),
     "window_right_unbounded_left": dict(local_window_size=(None, 3)),
     "chunked": dict(is_causal=True, chunk_size=8),
-    "dense": dict(mask=jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (B, 1, T, T))),
-    "dense_per_head": dict(mask=jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (1, HQ, T, T))),
+    "dense": dict(mask=jnp.asarray(np.random.default_rng(3).random((B, 1, T, T)) < 0.6)),
+    "dense_per_head": dict(mask=jnp.asarray(np.random.default_rng(4).random((1, HQ, T, T)) < 0.6)),
     "combined": dict(is_causal=True, local_window_size=9, segment_ids=_segments(T),
                      kv_lengths=jnp.array([33, 17])),
     "custom_positions": dict(is_causal=True,
@@ -126,11 +139,9 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("slab", ["per_head", "whole"])
-@pytest.mark.parametrize("kind", sorted(MASKS))
+@pytest.mark.parametrize("kind,slab", [(kind, "per_head") for kind in sorted(MASKS)] + [
+    (kind, "whole") for kind in ("causal", "dense_per_head", "combined")])
 def test_mask_kinds(kind, slab):
-  if slab == "whole" and kind not in ("causal", "segments_causal", "dense_per_head", "combined"):
-    pytest.skip("the whole-slab layout is covered by a few kinds")
   q, k, v, do = _inputs(B, T, T, HQ, HKV, D)
   mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
   blocks = dict(block_b=1, block_h=1) if slab == "per_head" else dict(block_b=B, block_h=HKV)
@@ -151,7 +162,8 @@ def test_fully_masked_rows_are_zero_with_zero_grads():
   np.testing.assert_array_equal(grads["q"][0, :5], 0.0)
   np.testing.assert_array_equal(grads["k"][1], 0.0)
   np.testing.assert_array_equal(grads["v"][1], 0.0)
-  _, lse = xla.attention(q, k, v, mask_args=mask_args, return_lse=True, block_q=16, block_k=16)
+  _, lse = _jit(lambda q, k, v: xla.attention(q, k, v, mask_args=mask_args, return_lse=True,
+                                               block_q=16, block_k=16), q, k, v)
   assert np.all(np.isneginf(lse[1])) and np.all(np.isneginf(lse[0, :, :5]))
 
 
@@ -161,7 +173,6 @@ def test_fully_masked_rows_are_zero_with_zero_grads():
 
 @pytest.mark.parametrize("tq,tk,block_q,block_k", [
     (37, 37, 16, 16),
-    (100, 100, 32, 32),
     (100, 100, 16, 32),
     (5, 100, 16, 32),  # a few new tokens against a longer cache (bottom-right causal)
     (1, 100, None, 32),  # one decode step
@@ -175,7 +186,7 @@ def test_lengths_and_blocks(tq, tk, block_q, block_k):
            block_h=1)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (4, 1)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (4, 1)])  # (4, 2) is every other test
 def test_gqa_ratios(hq, hkv):
   q, k, v, do = _inputs(B, T, T, hq, hkv, D, seed=2)
   mask_args = masking.make_mask_args(B, T, T, is_causal=True, segment_ids=_segments(T))
@@ -207,14 +218,13 @@ def test_logits_soft_cap():
            block_b=1, block_h=1)
 
 
-@pytest.mark.parametrize("slab", [dict(block_b=1, block_h=1), dict()])
-def test_sinks(slab):
+def test_sinks():
   q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=6)
   sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
   # Batch row 1 has no visible key: its rows put all weight on the sink.
   mask_args = masking.make_mask_args(B, T, T, is_causal=True, kv_lengths=jnp.array([T, 0]))
   (out, grads), _ = _compare(q, k, v, do, mask_args=mask_args, sinks=sinks, return_lse=True,
-                             block_q=16, block_k=16, **slab)
+                             block_q=16, block_k=16)
   np.testing.assert_array_equal(out[1], 0.0)
   assert np.any(grads["sinks"] != 0)
 
@@ -226,10 +236,10 @@ def test_return_lse_and_its_gradient():
            block_h=1)
 
 
-@pytest.mark.parametrize("bias_shape", [(B, HQ, T, T), (1, HQ, T, T), (B, 1, 1, T), (T, T)])
+@pytest.mark.parametrize("bias_shape", [(B, HQ, T, T), (B, 1, 1, T), (T, T)])
 def test_bias_and_its_gradient(bias_shape):
   q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=8)
-  bias = jax.random.normal(jax.random.PRNGKey(9), bias_shape)
+  bias = _normal(9, bias_shape)
   mask_args = masking.make_mask_args(B, T, T, is_causal=True)
   _compare(q, k, v, do, mask_args=mask_args, bias=bias, block_q=16, block_k=16, block_b=1,
            block_h=1)
@@ -237,8 +247,8 @@ def test_bias_and_its_gradient(bias_shape):
 
 def test_everything_at_once():
   q, k, v, do = _inputs(B, 100, 100, 8, 2, D, dv=12, seed=10)
-  bias = jax.random.normal(jax.random.PRNGKey(11), (1, 8, 100, 100))
-  sinks = jax.random.normal(jax.random.PRNGKey(12), (8,))
+  bias = _normal(11, (1, 8, 100, 100))  # shared by the batch: its gradient sums over it
+  sinks = _normal(12, (8,))
   mask_args = masking.make_mask_args(
       B, 100, 100, is_causal=True, local_window_size=40, segment_ids=_segments(100),
       kv_lengths=jnp.array([90, 60]))
@@ -293,9 +303,10 @@ def test_default_slab():
 def test_flash_attention_matches_reference_and_auto_picks_xla_on_cpu():
   q, k, v, _ = _inputs(B, T, T, HQ, HKV, D)
   kw = dict(is_causal=True, segment_ids=_segments(T), block_q=16, block_k=16)
-  auto = flash_attention(q, k, v, **kw)
-  np.testing.assert_array_equal(auto, flash_attention(q, k, v, implementation="xla", **kw))
-  ref = flash_attention(q, k, v, implementation="reference", **kw)
+  auto, xla_out, ref = _jit(lambda q, k, v: [
+      flash_attention(q, k, v, implementation=impl, **kw) for impl in ("auto", "xla", "reference")],
+      q, k, v)
+  np.testing.assert_array_equal(auto, xla_out)
   assert _rel_err(auto, ref) < F32_TOL
   mask_args = masking.make_mask_args(B, T, T, is_causal=True)
   call = api.describe_call(q, k, v, mask_args=mask_args)
@@ -305,10 +316,14 @@ def test_flash_attention_matches_reference_and_auto_picks_xla_on_cpu():
 
 def test_flash_attention_returns_lse_and_differentiates():
   q, k, v, _ = _inputs(B, T, T, HQ, HKV, D)
-  out, lse = flash_attention(q, k, v, is_causal=True, return_lse=True)
-  assert out.shape == q.shape and lse.shape == (B, HQ, T)
-  grads = jax.grad(lambda q: flash_attention(q, k, v, is_causal=True).sum())(q)
-  assert np.all(np.isfinite(grads))
+
+  def f(q, k, v):
+    out, lse = flash_attention(q, k, v, is_causal=True, return_lse=True)
+    return out, lse, jax.grad(lambda q: flash_attention(q, k, v, is_causal=True).sum())(q)
+
+  out, lse, dq = _jit(f, q, k, v)
+  assert out.shape == q.shape and lse.shape == (B, HQ, T) and dq.shape == q.shape
+  assert np.all(np.isfinite(dq))
 
 
 def test_unknown_implementation_is_an_error_naming_the_choices():
@@ -365,10 +380,10 @@ def test_auto_skips_an_unsupported_backend_and_logs_once(monkeypatch, caplog):
   api.register_backend(backend, ["cpu"])
   assert [b.name for b in api.BACKENDS["cpu"]] == ["only_causal", "xla"]
   q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
+  bidirectional = api.describe_call(q, k, v, mask_args=masking.make_mask_args(1, 8, 8))
   with caplog.at_level(logging.WARNING, logger=api.__name__):
     for _ in range(3):
-      out = flash_attention(q, k, v)
-  assert backend.calls == 0 and np.any(out != 0)
+      assert api.select_backend(bidirectional) is api.XLA
   skips = [r for r in caplog.records if "only_causal" in r.getMessage()]
   assert len(skips) == 1 and "needs a causal mask" in skips[0].getMessage()
   flash_attention(q, k, v, is_causal=True)

@@ -15,7 +15,8 @@ def opt(**kw):
 
 def test_warmup_cosine_shape():
   s = make_schedule(opt(), 110)
-  np.testing.assert_allclose([s(0), s(5), s(10), s(110)], [0.0, 0.5, 1.0, 0.1], atol=1e-6)
+  np.testing.assert_allclose([s(0), s(9), s(10), s(110)], [0.1, 1.0, 1.0, 0.1], atol=1e-6)
+  assert s(60) < s(30) < s(10)
 
 
 def test_wsd_is_flat_then_decays_linearly():
