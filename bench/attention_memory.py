@@ -15,9 +15,10 @@ where it could not run on this machine. A program whose estimate exceeds
 median of --repeats runs after one warm-up run.
 
 Appends one JSON line per (implementation, T) to
-bench/results/attention_memory.jsonl, with the git revision, device, jax
-version, shapes, dtype, peak bytes, time, and the xla/dense ratios for that T.
-A benchmark never asserts anything about time.
+bench/results/attention_memory.jsonl, with the git revision (plus "-dirty"
+when tracked files have uncommitted changes), device, jax version, shapes,
+dtype, peak bytes, time, and the xla/dense ratios for that T. A benchmark
+never asserts anything about time.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ GIB = 1024 ** 3
 
 
 def git_revision() -> str:
+  """`git rev-parse --short HEAD`, "-dirty" when tracked files differ from it; else "uncommitted"."""
+  here = os.path.dirname(os.path.abspath(__file__))
   try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-    return out.stdout.strip() or "uncommitted"
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=here, check=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, cwd=here, check=True).stdout.strip()
+    return (rev + "-dirty" if changed else rev) or "uncommitted"
   except (OSError, subprocess.CalledProcessError):
     return "uncommitted"
 

@@ -105,7 +105,7 @@ def attention(
     allowed = masking.visible(mask_args, jnp.arange(tq), jnp.arange(tk))
   if allowed is not None:
     s = jnp.where(allowed, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf)  # `initial`: Tk may be 0
   if sinks is not None:
     check_sinks(sinks, q)
     sink = sinks.astype(jnp.float32)[None, :, None, None]

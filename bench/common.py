@@ -1,0 +1,42 @@
+"""What every benchmark records: git revision, device, versions; and the JSON-lines writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Dict
+
+import jax
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_revision() -> str:
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(RESULTS), check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=os.path.dirname(RESULTS)).stdout
+    return rev + ("-dirty" if dirty.strip() else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "uncommitted"
+
+
+def environment() -> Dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      "git": git_revision(), "jax": jax.__version__, "platform": dev.platform,
+      "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+
+
+def append(name: str, record: Dict[str, Any]) -> None:
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, name), "a") as f:
+    f.write(json.dumps(record) + "\n")
+  print(json.dumps(record))
