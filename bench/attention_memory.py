@@ -27,9 +27,7 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,38 +37,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from pallas_kernels.flash import masking, reference, xla  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)
 B, H, D = 1, 8, 64
 GIB = 1024 ** 3
-
-
-def git_revision() -> str:
-  """`git rev-parse --short HEAD`, "-dirty" when tracked files differ from it; else "uncommitted"."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=here, check=True).stdout.strip()
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             capture_output=True, text=True, cwd=here, check=True).stdout.strip()
-    return (rev + "-dirty" if changed else rev) or "uncommitted"
-  except (OSError, subprocess.CalledProcessError):
-    return "uncommitted"
-
-
-def device_description() -> str:
-  dev = jax.devices()[0]
-  if dev.platform != "cpu":
-    return f"{dev.platform}: {dev.device_kind}"
-  model = platform.processor() or "unknown cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"cpu: {model}, {os.cpu_count()} cores"
 
 
 def attention_fn(impl: str, t: int):
@@ -119,8 +92,7 @@ def main(argv=None):
                                                     "results", "attention_memory.jsonl"))
   args = parser.parse_args(argv)
 
-  common = dict(revision=git_revision(), device=device_description(), jax_version=jax.__version__,
-                batch=B, heads=H, kv_heads=H, head_dim=D, dtype="float32", causal=True,
+  shared = dict(common.environment(), bench="attention_memory", batch=B, heads=H, kv_heads=H, head_dim=D, dtype="float32", causal=True,
                 measure="jax.grad(sum(out), (q, k, v)); peak = temp + argument + output bytes",
                 mode="quick" if args.quick else "full")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -133,7 +105,7 @@ def main(argv=None):
                   time_s=(x["time_s"] / d["time_s"]) if x["ran"] and d["ran"] else None)
     with open(args.out, "a") as f:
       for rec in records.values():
-        f.write(json.dumps(dict(common, **rec, ratio_xla_to_dense=ratios)) + "\n")
+        f.write(json.dumps(dict(shared, **rec, ratio_xla_to_dense=ratios)) + "\n")
         time_str = f"{rec['time_s']:8.3f}" if rec["ran"] else f"{'-':>8}"
         print(f"{t:>6} {rec['impl']:>5} {rec['peak_bytes'] / GIB:9.3f} {time_str}  {rec.get('note', '')}",
               flush=True)

@@ -25,11 +25,24 @@ def git_revision() -> str:
     return "uncommitted"
 
 
+def device_description() -> str:
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    return f"{dev.platform}: {dev.device_kind}"
+  model = platform.processor() or "unknown cpu"
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"cpu: {model}, {os.cpu_count()} cores"
+
+
 def environment() -> Dict[str, Any]:
   dev = jax.devices()[0]
   return {
       "git": git_revision(), "jax": jax.__version__, "platform": dev.platform,
-      "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
+      "device": device_description(), "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.machine(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
