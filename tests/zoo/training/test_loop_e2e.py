@@ -71,13 +71,14 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path, uninterrupted):
                                 [uninterrupted[s] for s in range(1, STEPS + 1)])
 
 
-def test_eight_devices_data4_tensor2_match_one_device(tmp_path, uninterrupted):
+@pytest.mark.parametrize("mesh", [dict(data=4, fsdp=1, tensor=2), dict(data=2, fsdp=2, tensor=2)])
+def test_eight_devices_match_one_device(tmp_path, uninterrupted, mesh):
   steps = 30  # a constant schedule after warmup: the first 30 steps do not depend on total_steps
   proc = runs.run("train.py", str(tmp_path), runs.SMALL + [
-      f"--config.total_steps={steps}", "--config.checkpoint_every=0", "--config.mesh.data=4",
-      "--config.mesh.tensor=2"], devices=8)
+      f"--config.total_steps={steps}", "--config.checkpoint_every=0"] +
+      [f"--config.mesh.{axis}={n}" for axis, n in mesh.items()], devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "'data': 4" in proc.stdout and "'tensor': 2" in proc.stdout
+  assert str(mesh) in proc.stdout
   sharded = runs.train_losses(str(tmp_path))
   a = np.array([sharded[s] for s in range(1, steps + 1)])
   b = np.array([uninterrupted[s] for s in range(1, steps + 1)])
