@@ -29,7 +29,7 @@ from zoo.training.flops import measured_peak_flops
 from zoo.training.metrics import MetricsWriter, progress_line
 from zoo.training.optimizer import make_schedule
 from zoo.training.state import init_train_state, make_model_setup
-from zoo.training.tasks import get_task
+from zoo.training.tasks import get_task, objective_sum
 
 
 def resolve_config(config):
@@ -82,7 +82,7 @@ def make_train_step(setup, task, config, schedule):
 
   def loss_sum(params, mb):
     _, sums = task(setup.merge(params), mb)
-    return sums["loss_sum"], sums
+    return objective_sum(sums), sums
 
   grad_fn = jax.grad(loss_sum, has_aux=True)
 
@@ -108,7 +108,8 @@ def make_train_step(setup, task, config, schedule):
     updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+    metrics = {"loss": sums["loss_sum"] / denom, "aux_loss": sums["aux_loss_sum"] / denom,
+               "accuracy": sums["correct_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
                "tokens": sums["weight_sum"]}
     return new_state, metrics
