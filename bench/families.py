@@ -1,0 +1,94 @@
+"""The comparison run: the tiny LM trained with each attention family, on MQAR and on text.
+
+    python bench/families.py                          # every registered family
+    python bench/families.py --families mha,gated --steps 100
+
+For each family id (`model.attention=ID`) and each dataset (the embedded
+pydoc_text corpus with task `lm`; MQAR with task `recall`), trains the same
+small LM (4 layers, width 128, 4 heads, 2 KV heads, seq 256) through the one
+train loop for a fixed number of steps on this machine and records the final
+held-out loss, accuracy (MQAR: exact match too), the median step time and the
+parameter count. Same seed, data and steps for every family, so the
+differences are the families'. Appends JSON lines to
+bench/results/families.jsonl. It measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bench import common  # noqa: E402
+from configs import lm_tiny  # noqa: E402
+from layers.attention import registry  # noqa: E402
+import zoo.data  # noqa: E402
+from zoo.training.loop import train  # noqa: E402
+
+DATASETS = {"text": ("pydoc_text", "lm"), "mqar": ("mqar", "recall")}
+
+
+def make_config(family: str, dataset: str, steps: int, options: dict):
+  c = lm_tiny.get_config()
+  c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
+                 attention=family)
+  for k, v in options.items():
+    c.model.attention_options[k] = v
+  name, task = DATASETS[dataset]
+  c.data = zoo.data.default_data_config(name)
+  c.task = task
+  c.total_steps, c.batch_size, c.seq_len = steps, 16, 256
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 0
+  c.eval_batches = 8
+  c.optimizer.warmup_steps = max(steps // 10, 1)
+  return c
+
+
+def run_one(family: str, dataset: str, steps: int, options: dict):
+  with tempfile.TemporaryDirectory() as workdir:
+    final = train(make_config(family, dataset, steps, options), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      recs = [json.loads(l) for l in f]
+  train_recs = [r for r in recs if r["split"] == "train"]
+  step_s = statistics.median(r["step_time_s"] for r in train_recs[len(train_recs) // 2:])
+  return final, step_s, train_recs[-1]["loss"]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--families", default="", help="comma-separated ids; default: all registered")
+  p.add_argument("--datasets", default="text,mqar")
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--options", default="{}", help="JSON of model.attention_options per family id")
+  args = p.parse_args()
+  families = [f for f in args.families.split(",") if f] or registry.names()
+  options = json.loads(args.options)
+  env = common.environment()
+  for family in families:
+    for dataset in args.datasets.split(","):
+      final, step_s, last_train = run_one(family, dataset, args.steps, options.get(family, {}))
+      params = _param_count(family, options.get(family, {}))
+      common.append("families.jsonl", {
+          **env, "bench": "families", "family": family, "dataset": dataset, "steps": args.steps,
+          "options": options.get(family, {}), "params": params, "step_s": step_s,
+          "final_train_loss": last_train, **{f"eval_{k}": v for k, v in final.items()}})
+
+
+def _param_count(family, options):
+  from flax import nnx
+  from zoo import registry as models
+  c = make_config(family, "text", 1, options)
+  c.model.vocab_size = zoo.data.vocab_size(c.data)
+  model = nnx.eval_shape(lambda: models.build_model(c.model))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+if __name__ == "__main__":
+  main()
