@@ -1,8 +1,9 @@
 """Orbax checkpoints: async, atomic, holding everything a run needs to resume exactly.
 
 A checkpoint at step N holds the train state (step, params, optimizer state)
-as arrays and a JSON record with the config, the data-iterator state and the
-project version. Restore targets carry explicit shardings (the abstract
+as arrays, a JSON record with the config and the project version, and the
+data-iterator position of every host (grain's Orbax handler writes one
+`process_i-of-n.json` per host, so multi-host runs resume each shard). Restore targets carry explicit shardings (the abstract
 tree's `NamedSharding`s on the current mesh), so a checkpoint can be read
 back on another mesh. Before a run computes anything, `check_compatible`
 compares the stored config with the new one and refuses a workdir whose
@@ -15,6 +16,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -80,16 +82,26 @@ class Checkpointer:
           + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
           + ". Use a new --workdir; nothing was changed.")
 
-  def save(self, step: int, state: Any, *, config_json: str, data_state: Any) -> None:
-    meta = {"config": config_json, "data_state": data_state, "version": VERSION, "step": int(step)}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: Any, *, config_json: str, data_iterator=None) -> None:
+    """Saves asynchronously; the data-iterator position is taken now, before the loop moves on."""
+    meta = {"config": config_json, "version": VERSION, "step": int(step)}
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
-    """abstract_state: ShapeDtypeStructs with concrete NamedShardings (STACK-NOTES: not AbstractMesh)."""
+  def restore(self, abstract_state: Any, step: Optional[int] = None, *,
+              data_iterator=None) -> Tuple[Any, Dict[str, Any]]:
+    """Restores the train state (and moves `data_iterator` to its saved position).
+
+    abstract_state: ShapeDtypeStructs with concrete NamedShardings (STACK-NOTES:
+    not AbstractMesh ones), which decide where the arrays land.
+    """
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
 
   def wait(self) -> None:

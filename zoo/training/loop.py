@@ -136,15 +136,10 @@ def train(config, workdir: str) -> Dict[str, float]:
 
   state = init_train_state(setup, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  data_state = None
   start = ckpt.latest_step()
   if start is not None:
-    state, meta = ckpt.restore(checkpointing.abstract_like(state), start)
-    data_state = meta["data_state"]
+    state, _ = ckpt.restore(checkpointing.abstract_like(state), start, data_iterator=train_iter)
   start = int(start or 0)
-
-  if data_state is not None:
-    train_iter.set_state(data_state)
 
   schedule = make_schedule(config.optimizer, config.total_steps)
   batch_sharding = shd.batch_sharding(mesh)
@@ -184,7 +179,7 @@ def train(config, workdir: str) -> Dict[str, float]:
       _evaluate_and_log(config, state["params"], eval_step, batch_sharding, writer, step)
       t_last = time.perf_counter()
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.total_steps:
-      ckpt.save(step, state, config_json=config_json, data_state=train_iter.get_state())
+      ckpt.save(step, state, config_json=config_json, data_iterator=train_iter)
       t_last = time.perf_counter()
 
   final = _evaluate_and_log(config, state["params"], eval_step, batch_sharding, writer, step,
