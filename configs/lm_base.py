@@ -40,7 +40,9 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.attention = "mha"  # a family id, or a comma-separated per-layer pattern
   m.positional = "rope"  # rope | nope
   m.rope_base = 10_000.0
-  m.rope_scaling = 1.0
+  m.rope_scaling = 1.0  # context-extension factor
+  m.rope_scaling_type = "linear"  # linear | ntk | yarn | llama3
+  m.rope_original_max_len = ml_collections.config_dict.placeholder(int)  # yarn / llama3
   m.window = ml_collections.config_dict.placeholder(int)  # sliding window for every layer
   m.tie_embeddings = True
   m.max_seq_len = 2048

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import jax.numpy as jnp
 
+from layers.attention.rope import rope_frequencies
+
 IMPLEMENTATIONS = ("auto", "xla", "reference", "pallas", "pallas_interpret", "cudnn")
 
 
@@ -25,7 +27,9 @@ class AttentionConfig:
   causal: bool = True
   positional: str = "rope"
   rope_base: float = 10_000.0
-  rope_scaling: float = 1.0  # linear position interpolation: p -> p / rope_scaling
+  rope_scaling: float = 1.0  # context-extension factor s (1: none)
+  rope_scaling_type: str = "linear"  # linear | ntk | yarn | llama3 (layers/attention/rope.py)
+  rope_original_max_len: Optional[int] = None  # training context of yarn / llama3 scaling
   window: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None  # sliding window of this layer
   use_bias: bool = False
   implementation: str = "auto"
@@ -51,8 +55,11 @@ class AttentionConfig:
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"implementation={self.implementation!r} is not one of {IMPLEMENTATIONS}")
-    if self.rope_scaling <= 0:
-      raise ValueError(f"rope_scaling must be positive, got {self.rope_scaling}")
+    if self.positional == "rope":
+      # Validates the scaling settings once, at construction.
+      rope_frequencies(self.head_dim, self.rope_base, scaling=self.rope_scaling,
+                       scaling_type=self.rope_scaling_type,
+                       original_max_len=self.rope_original_max_len)
 
   def option(self, name: str, default=None):
     return dict(self.options).get(name, default)

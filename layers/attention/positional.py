@@ -2,7 +2,7 @@
 
 An encoding transforms (q, k) given their position ids before the attention
 core; encodings that add a score bias (ALiBi, BAM, ...) will extend this with
-kernel arguments. Registered here: `rope` (rotary, linear scaling) and `nope`
+kernel arguments. Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling) and `nope`
 (no positional information: "Length Generalization of Causal Transformers
 without Position Encoding" shows causal masks alone let a model infer order).
 """
@@ -21,11 +21,12 @@ class RoPE:
   def __init__(self, cfg: AttentionConfig):
     if cfg.head_dim % 2:
       raise ValueError(f"positional='rope' needs an even head_dim, got {cfg.head_dim}")
-    self.base, self.scaling = cfg.rope_base, cfg.rope_scaling
+    self.kwargs = dict(base=cfg.rope_base, scaling=cfg.rope_scaling,
+                       scaling_type=cfg.rope_scaling_type,
+                       original_max_len=cfg.rope_original_max_len)
 
   def __call__(self, q: jax.Array, k: jax.Array, q_positions, kv_positions):
-    return (apply_rope(q, q_positions, base=self.base, scaling=self.scaling),
-            apply_rope(k, kv_positions, base=self.base, scaling=self.scaling))
+    return apply_rope(q, q_positions, **self.kwargs), apply_rope(k, kv_positions, **self.kwargs)
 
 
 class NoPE:

@@ -68,6 +68,8 @@ class LMConfig:
   positional: str = "rope"
   rope_base: float = 10_000.0
   rope_scaling: float = 1.0
+  rope_scaling_type: str = "linear"
+  rope_original_max_len: Optional[int] = None
   window: Optional[int] = None
   tie_embeddings: bool = True
   max_seq_len: int = 2048
@@ -101,7 +103,9 @@ class LMConfig:
       return AttentionConfig(
           d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
           head_dim=self.head_dim, causal=True, positional=self.positional,
-          rope_base=self.rope_base, rope_scaling=self.rope_scaling, window=self.window,
+          rope_base=self.rope_base, rope_scaling=self.rope_scaling,
+          rope_scaling_type=self.rope_scaling_type,
+          rope_original_max_len=self.rope_original_max_len, window=self.window,
           implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
           param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
           options=dict(self.attention_options))

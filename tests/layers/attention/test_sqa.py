@@ -107,7 +107,7 @@ def test_layer_is_causal():
 
 def test_registered_and_decoder_lm_trains_one_step():
   assert registry.get("sqa") is SparseQueryAttention
-  model = DecoderLM(LMConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4,
+  model = DecoderLM(LMConfig(vocab_size=50, d_model=32, num_layers=1, num_heads=4,
                              num_kv_heads=2, mlp_dim=64, attention="sqa",
                              attention_options=(("variant", "sqa"),)), rngs=nnx.Rngs(0))
   toks = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
