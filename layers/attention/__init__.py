@@ -4,7 +4,9 @@ Import a family by id (`registry.get("mha")`) or directly (`layers.attention.mha
 Importing this package registers every family.
 """
 
-from layers.attention import mha  # noqa: F401  (registers "mha")
+# Importing a family module registers its id.
+from layers.attention import (  # noqa: F401
+    gated, mha, moh, segment_mask, selective, sinks, sqa, tempscale)
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.registry import get, names, register

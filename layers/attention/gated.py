@@ -94,18 +94,9 @@ class GatedAttention(MultiHeadAttention):
     self.gate_bias = nnx.Param(jnp.full(shape, bias_init, cfg.param_dtype),
                                logical_axes=axes[1:])
 
-  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
     cfg = self.cfg
-    mask = Mask(causal=cfg.causal) if mask is None else mask
-    if cfg.window is not None:
-      mask = mask.replace(window=cfg.window)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k, v = self.qkv(x)
     q, k = self.positional(q, k, positions, positions)
     gate_logits = self.gate(x) + self.gate_bias[...].astype(cfg.dtype)
-    o = gated_attention(q, k, v, gate_logits,
-                        mask.replace(q_positions=positions, kv_positions=positions),
-                        implementation=cfg.implementation)
-    return self.out(o)
+    return gated_attention(q, k, v, gate_logits, mask, implementation=cfg.implementation)

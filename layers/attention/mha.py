@@ -18,7 +18,7 @@ quadratic form and can return the attention probabilities.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -63,14 +63,31 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
+    mask, positions = self.resolve_mask(x, mask, positions)
+    q, k, v = self.qkv(x)
+    return self.out(self.core(x, q, k, v, mask, positions))
+
+  def resolve_mask(self, x: jax.Array, mask: Optional[Mask],
+                   positions: Optional[jax.Array]) -> Tuple[Mask, jax.Array]:
+    """The layer's mask (its own causality and window by default) with token positions."""
     cfg = self.cfg
     mask = Mask(causal=cfg.causal) if mask is None else mask
     if cfg.window is not None:
       mask = mask.replace(window=cfg.window)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k, v = self.qkv(x)
+    return mask.replace(q_positions=positions, kv_positions=positions), positions
+
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
+    """Projected (not yet rotated) q, k, v -> per-head outputs [B, T, Hq, D].
+
+    The one place a family changes the attention itself; x is the layer input
+    (for gates and routers).
+    """
     q, k = self.positional(q, k, positions, positions)
-    o = mha(q, k, v, mask.replace(q_positions=positions, kv_positions=positions),
-            implementation=cfg.implementation)
-    return self.out(o)
+    return mha(q, k, v, mask, implementation=self.cfg.implementation)
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Score and value matmul FLOPs per token, forward + backward (PaLM's 12 Hq Dh T)."""
+    return 12.0 * self.cfg.num_heads * self.cfg.head_dim * seq_len

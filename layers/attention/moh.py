@@ -183,22 +183,13 @@ class MixtureOfHeadAttention(MultiHeadAttention):
     return route(call(self.router_shared), call(self.router_routed), call(self.router_mix),
                  num_shared=self.num_shared, top_k=self.top_k, lead_shape=x.shape[:-1])
 
-  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
     cfg = self.cfg
-    mask = Mask(causal=cfg.causal) if mask is None else mask
-    if cfg.window is not None:
-      mask = mask.replace(window=cfg.window)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     gates, aux, _ = self.gates(x)
     if aux is not None:
       self.sow(nnx.Intermediate, "aux_loss", aux)
-    q, k, v = self.qkv(x)
     q, k = self.positional(q, k, positions, positions)
-    mask = mask.replace(q_positions=positions, kv_positions=positions)
     if cfg.implementation == "reference":
-      o = moh_reference(q, k, v, gates, mask)
-    else:
-      o = moh(q, k, v, gates, mask, implementation=cfg.implementation)
-    return self.out(o)
+      return moh_reference(q, k, v, gates, mask)
+    return moh(q, k, v, gates, mask, implementation=cfg.implementation)

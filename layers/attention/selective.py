@@ -139,20 +139,11 @@ class SelectiveAttention(MultiHeadAttention):
           + self.val_b[...].astype(f32))
     return tau, vs
 
-  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
     cfg = self.cfg
-    mask = Mask(causal=cfg.causal) if mask is None else mask
-    if cfg.window is not None:
-      mask = mask.replace(window=cfg.window)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k, v = self.qkv(x)
-    tau, vs = self.temperatures(q, v, positions)
+    tau, vs = self.temperatures(q, v, positions)  # from the unrotated q
     q, k = self.positional(q, k, positions, positions)
-    mask = mask.replace(q_positions=positions, kv_positions=positions)
     if cfg.implementation == "reference":
-      o = selective_reference(q, k, v, tau, vs, mask)
-    else:
-      o = selective(q, k, v, tau, vs, mask, implementation=cfg.implementation)
-    return self.out(o)
+      return selective_reference(q, k, v, tau, vs, mask)
+    return selective(q, k, v, tau, vs, mask, implementation=cfg.implementation)

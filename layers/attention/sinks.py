@@ -119,21 +119,12 @@ class SinkAttention(MultiHeadAttention):
       self.sink_k = nnx.Param(jnp.zeros(shape, cfg.param_dtype), logical_axes=axes)
       self.sink_v = nnx.Param(jnp.zeros(shape, cfg.param_dtype), logical_axes=axes)
 
-  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
     cfg = self.cfg
-    mask = Mask(causal=cfg.causal) if mask is None else mask
-    if cfg.window is not None:
-      mask = mask.replace(window=cfg.window)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k, v = self.qkv(x)
     q, k = self.positional(q, k, positions, positions)
-    mask = mask.replace(q_positions=positions, kv_positions=positions)
     if self.kind == "logit":
-      o = sink_logit_attention(q, k, v, self.sink_logits[...], mask,
-                               implementation=cfg.implementation)
-    else:
-      o = sink_token_attention(q, k, v, self.sink_k[...], self.sink_v[...], mask,
-                               implementation=cfg.implementation)
-    return self.out(o)
+      return sink_logit_attention(q, k, v, self.sink_logits[...], mask,
+                                  implementation=cfg.implementation)
+    return sink_token_attention(q, k, v, self.sink_k[...], self.sink_v[...], mask,
+                                implementation=cfg.implementation)

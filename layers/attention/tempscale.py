@@ -102,17 +102,9 @@ class TempScaleAttention(MultiHeadAttention):
       n = jnp.full(positions.shape, positions.shape[1])
     return length_temperature(self.temperature, n, self.reference_length)[..., None]
 
-  def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+           positions: jax.Array) -> jax.Array:
     cfg = self.cfg
-    mask = Mask(causal=cfg.causal) if mask is None else mask
-    if cfg.window is not None:
-      mask = mask.replace(window=cfg.window)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k, v = self.qkv(x)
     q, k = self.positional(q, k, positions, positions)
-    o = tempscale_attention(q, k, v, mask.replace(q_positions=positions, kv_positions=positions),
-                            temperature=self.temperatures(mask, positions),
-                            implementation=cfg.implementation)
-    return self.out(o)
+    return tempscale_attention(q, k, v, mask, temperature=self.temperatures(mask, positions),
+                               implementation=cfg.implementation)

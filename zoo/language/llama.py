@@ -155,7 +155,8 @@ class DecoderLM(nnx.Module):
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU:
-    6 * N_matmul + 12 * L * Hq * Dh * T (score and value matmuls, causal not halved)."""
+    6 * N_matmul + sum over layers of 12 * Hq * Dh * T (score and value matmuls, causal
+    not halved)."""
     cfg = self.cfg
     n = 0
     for path, p in nnx.iter_graph(self):
@@ -163,5 +164,5 @@ class DecoderLM(nnx.Module):
         n += math.prod(p.shape)
     if cfg.tie_embeddings:  # the tied table is a matmul at the head
       n += cfg.vocab_size * cfg.d_model
-    acfg = cfg.attention_config(0)
-    return 6.0 * n + 12.0 * cfg.num_layers * acfg.num_heads * acfg.head_dim * seq_len
+    # Each layer's own head layout: families such as `sqa` change the query heads.
+    return 6.0 * n + sum(b.attention.train_flops_per_token(seq_len) for b in self.blocks)

@@ -13,6 +13,11 @@ from layers.attention.selective import SelectiveAttention, selective, selective_
 from tests.numerics import rel_err
 
 
+@nnx.jit
+def _call(m, x):
+  return m(x)
+
+
 def _qkv(hq=4, hkv=2, t=11, d=8, seed=0):
   ks = jax.random.split(jax.random.key(seed), 5)
   q = jax.random.normal(ks[0], (2, t, hq, d))
@@ -23,26 +28,29 @@ def _qkv(hq=4, hkv=2, t=11, d=8, seed=0):
   return q, k, v, tau, vs
 
 
+_sel, _mha, _sel_ref = jax.jit(selective), jax.jit(mha), jax.jit(selective_reference)
+
+
 def test_unit_temperature_is_mha():
   q, k, v, tau, vs = _qkv()
   mask = Mask.make_causal()
-  got = selective(q, k, v, jnp.ones_like(tau), jnp.ones_like(vs), mask)
-  assert rel_err(got, mha(q, k, v, mask)) < 1e-6
+  got = _sel(q, k, v, jnp.ones_like(tau), jnp.ones_like(vs), mask)
+  assert rel_err(got, _mha(q, k, v, mask)) < 1e-6
 
 
 @pytest.mark.parametrize("mask", [Mask.make_causal(), Mask.bidirectional(),
                                   Mask.sliding_window(3)])
 def test_folded_equals_explicit_logit_scaling(mask):
   q, k, v, tau, vs = _qkv()
-  assert rel_err(selective(q, k, v, tau, vs, mask), selective_reference(q, k, v, tau, vs, mask)) < 1e-5
+  assert rel_err(_sel(q, k, v, tau, vs, mask), _sel_ref(q, k, v, tau, vs, mask)) < 1e-5
 
 
 def test_grads_fast_vs_reference():
   q, k, v, tau, vs = _qkv(seed=1)
   mask = Mask.make_causal()
   f = lambda fn: (lambda *a: jnp.sum(jnp.sin(fn(*a, mask))))
-  g = jax.grad(f(selective), argnums=(0, 1, 2, 3, 4))(q, k, v, tau, vs)
-  g_ref = jax.grad(f(selective_reference), argnums=(0, 1, 2, 3, 4))(q, k, v, tau, vs)
+  g = jax.grad(f(_sel), argnums=(0, 1, 2, 3, 4))(q, k, v, tau, vs)
+  g_ref = jax.grad(f(_sel_ref), argnums=(0, 1, 2, 3, 4))(q, k, v, tau, vs)
   for a, b in zip(g, g_ref):
     assert rel_err(a, b) < 1e-5
 
@@ -68,16 +76,16 @@ def test_fresh_layer_is_mha_with_same_weights():
   ref = registry.get("mha")(layer.cfg, rngs=nnx.Rngs(0))
   ref.qkv, ref.out = layer.qkv, layer.out
   x = jax.random.normal(jax.random.key(1), (2, 10, 32))
-  assert rel_err(layer(x), ref(x)) < 1e-6
+  assert rel_err(_call(layer, x), _call(ref, x)) < 1e-6
 
 
 def test_layer_fast_vs_reference_outputs_and_grads():
   layer, ref_layer = _perturb(_layer()), _perturb(_layer("reference"))
   x = jax.random.normal(jax.random.key(3), (2, 9, 32))
-  assert rel_err(layer(x), ref_layer(x)) < 1e-5
-  assert rel_err(layer(x), registry.get("mha")(layer.cfg, rngs=nnx.Rngs(0))(x)) > 1e-3
+  assert rel_err(_call(layer, x), _call(ref_layer, x)) < 1e-5
+  assert rel_err(_call(layer, x), _call(registry.get("mha")(layer.cfg, rngs=nnx.Rngs(0)), x)) > 1e-3
   loss = lambda m: jnp.sum(jnp.sin(m(x)))
-  g, g_ref = nnx.grad(loss)(layer), nnx.grad(loss)(ref_layer)
+  g, g_ref = nnx.jit(nnx.grad(loss))(layer), nnx.jit(nnx.grad(loss))(ref_layer)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     assert rel_err(a, b) < 1e-5
 
@@ -86,7 +94,7 @@ def test_layer_is_causal():
   layer = _perturb(_layer())
   x = jax.random.normal(jax.random.key(1), (1, 10, 32))
   x2 = x.at[:, 6:].set(jax.random.normal(jax.random.key(2), (1, 4, 32)))
-  y, y2 = layer(x), layer(x2)
+  y, y2 = _call(layer, x), _call(layer, x2)
   np.testing.assert_allclose(y[:, :6], y2[:, :6], rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
 
@@ -108,7 +116,7 @@ def test_decoder_lm_runs_and_trains():
     logits = m(tokens[:, :-1])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
-  value, grads = nnx.value_and_grad(loss)(model)
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
   assert np.isfinite(float(value))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   assert sel_mod.SelectiveAttention.family_id == "selective"
