@@ -73,7 +73,6 @@ Limits: mask positions reach (N + 2) * T, so N * T must stay below 2**31.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence
 
 import jax

@@ -9,6 +9,7 @@ from flax import nnx
 from layers.attention import AttentionConfig, Mask, registry
 from layers.attention.mha import mha
 from layers.attention.moh import MixtureOfHeadAttention, moh, moh_reference
+from tests.family_checks import assert_causal, assert_lm_trains_one_step
 from tests.numerics import rel_err
 
 
@@ -129,11 +130,7 @@ def test_layer_fast_vs_reference_outputs_and_grads():
 
 def test_layer_is_causal():
   layer = MixtureOfHeadAttention(_cfg(), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (1, 10, 32))
-  x2 = x.at[:, 6:].set(jax.random.normal(jax.random.key(2), (1, 4, 32)))
-  y, y2 = _call(layer, x), _call(layer, x2)
-  np.testing.assert_allclose(y[:, :6], y2[:, :6], rtol=1e-5, atol=1e-6)
-  assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
+  assert_causal(layer, call=_call)
 
 
 @pytest.mark.parametrize("options,match", [
@@ -148,15 +145,4 @@ def test_bad_options_error(options, match):
 
 
 def test_decoder_lm_runs_and_trains():
-  from zoo.language.llama import DecoderLM, LMConfig
-  model = DecoderLM(LMConfig(vocab_size=31, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                             mlp_dim=64, attention="moh"), rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 31)
-
-  def loss(m):
-    logits = m(tokens[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-  assert np.isfinite(float(value))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert_lm_trains_one_step("moh", (), num_layers=2, vocab=31)

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -10,6 +9,7 @@ from layers.attention import AttentionConfig, Mask, registry
 from layers.attention import selective as sel_mod
 from layers.attention.mha import mha
 from layers.attention.selective import SelectiveAttention, selective, selective_reference
+from tests.family_checks import assert_causal, assert_lm_trains_one_step
 from tests.numerics import rel_err
 
 
@@ -92,11 +92,7 @@ def test_layer_fast_vs_reference_outputs_and_grads():
 
 def test_layer_is_causal():
   layer = _perturb(_layer())
-  x = jax.random.normal(jax.random.key(1), (1, 10, 32))
-  x2 = x.at[:, 6:].set(jax.random.normal(jax.random.key(2), (1, 4, 32)))
-  y, y2 = _call(layer, x), _call(layer, x2)
-  np.testing.assert_allclose(y[:, :6], y2[:, :6], rtol=1e-5, atol=1e-6)
-  assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
+  assert_causal(layer, call=_call)
 
 
 def test_options_switch_parameters_off_and_bad_option_errors():
@@ -107,16 +103,5 @@ def test_options_switch_parameters_off_and_bad_option_errors():
 
 
 def test_decoder_lm_runs_and_trains():
-  from zoo.language.llama import DecoderLM, LMConfig
-  model = DecoderLM(LMConfig(vocab_size=31, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                             mlp_dim=64, attention="selective"), rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 31)
-
-  def loss(m):
-    logits = m(tokens[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-  assert np.isfinite(float(value))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert_lm_trains_one_step("selective", (), num_layers=2, vocab=31)
   assert sel_mod.SelectiveAttention.family_id == "selective"

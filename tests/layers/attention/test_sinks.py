@@ -9,8 +9,8 @@ from flax import nnx
 from layers.attention import AttentionConfig, Mask, registry
 from layers.attention.mha import MultiHeadAttention
 from layers.attention.sinks import SinkAttention, sink_logit_attention, sink_token_attention
+from tests.family_checks import assert_causal, assert_lm_trains_one_step
 from tests.numerics import rel_err
-from zoo.language.llama import DecoderLM, LMConfig
 
 _fwd = nnx.jit(lambda m, x: m(x))
 
@@ -117,24 +117,9 @@ def test_bad_options_name_the_option():
 @pytest.mark.parametrize("sink", ["logit", "tokens"])
 def test_layer_is_causal(sink):
   layer = SinkAttention(_cfg(sink=sink), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (1, 10, 32))
-  x2 = x.at[:, 6:].set(jax.random.normal(jax.random.key(2), (1, 4, 32)))
-  y, y2 = _fwd(layer, x), _fwd(layer, x2)
-  np.testing.assert_allclose(y[:, :6], y2[:, :6], rtol=1e-5, atol=1e-6)
-  assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
+  assert_causal(layer, call=_fwd)
 
 
 def test_registered_and_decoder_lm_trains_one_step():
   assert registry.get("sinks") is SinkAttention
-  model = DecoderLM(LMConfig(vocab_size=50, d_model=32, num_layers=1, num_heads=4,
-                             num_kv_heads=2, mlp_dim=64, attention="sinks",
-                             attention_options=(("sink", "tokens"),)), rngs=nnx.Rngs(0))
-  toks = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
-
-  def loss_fn(m):
-    logits = m(toks[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
-
-  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-  assert np.isfinite(float(loss))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert_lm_trains_one_step("sinks", (("sink", "tokens"),), num_layers=1, vocab=50)

@@ -2,15 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 from layers.attention import AttentionConfig, registry
 from layers.attention.mha import MultiHeadAttention
 from layers.attention.sqa import SparseQueryAttention, score_flops, sqa_heads
+from tests.family_checks import assert_causal, assert_lm_trains_one_step
 from tests.numerics import rel_err
-from zoo.language.llama import DecoderLM, LMConfig
 
 
 def _cfg(**options):
@@ -97,26 +96,10 @@ def test_layer_xla_matches_reference_with_grads():
 
 def test_layer_is_causal():
   layer = SparseQueryAttention(_cfg(variant="xsqa"), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (1, 10, 32))
-  x2 = x.at[:, 6:].set(jax.random.normal(jax.random.key(2), (1, 4, 32)))
-  f = nnx.jit(lambda m, x: m(x))
-  y, y2 = f(layer, x), f(layer, x2)
-  np.testing.assert_allclose(y[:, :6], y2[:, :6], rtol=1e-5, atol=1e-6)
-  assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
+  assert_causal(layer)
 
 
 def test_registered_and_decoder_lm_trains_one_step():
   assert registry.get("sqa") is SparseQueryAttention
-  model = DecoderLM(LMConfig(vocab_size=50, d_model=32, num_layers=1, num_heads=4,
-                             num_kv_heads=2, mlp_dim=64, attention="sqa",
-                             attention_options=(("variant", "sqa"),)), rngs=nnx.Rngs(0))
-  toks = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
-
-  def loss_fn(m):
-    logits = m(toks[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
-
-  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-  assert np.isfinite(float(loss))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  model = assert_lm_trains_one_step("sqa", (("variant", "sqa"),), num_layers=1, vocab=50)
   assert model.blocks[0].attention.qkv.q.kernel.shape == (32, 2, 8)

@@ -74,7 +74,6 @@ def test_config_errors_name_the_setting(kw, match):
 
 def test_train_flops_per_token_counts_matmuls():
   model = tiny()
-  cfg = model.cfg
   per_layer = 32 * (4 * 8) + 2 * 32 * (2 * 8) + (4 * 8) * 32 + 3 * 32 * 64
   expected = 6 * (2 * per_layer + 50 * 32) + 12 * 2 * 4 * 8 * 16
   assert model.train_flops_per_token(16) == expected

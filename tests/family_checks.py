@@ -1,0 +1,36 @@
+"""Checks every attention family's tests share (FAMILIES.md, "Common tests")."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.language.llama import DecoderLM, LMConfig
+
+
+def assert_causal(layer, *, d_model: int = 32, length: int = 10, cut: int = 6, call=None):
+  """Outputs before `cut` ignore inputs from `cut` on; later outputs do depend on them."""
+  call = call or nnx.jit(lambda m, x: m(x))
+  x = jax.random.normal(jax.random.key(1), (1, length, d_model))
+  x2 = x.at[:, cut:].set(jax.random.normal(jax.random.key(2), (1, length - cut, d_model)))
+  y, y2 = call(layer, x), call(layer, x2)
+  np.testing.assert_allclose(y[:, :cut], y2[:, :cut], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(y[:, cut:] - y2[:, cut:]).max()) > 1e-3
+
+
+def assert_lm_trains_one_step(attention: str, options=(), *, num_layers: int = 1,
+                              vocab: int = 50, **model_kw) -> DecoderLM:
+  """A tiny DecoderLM with this family: one jitted grad step, finite loss and gradients."""
+  model = DecoderLM(LMConfig(vocab_size=vocab, d_model=32, num_layers=num_layers, num_heads=4,
+                             num_kv_heads=2, mlp_dim=64, attention=attention,
+                             attention_options=tuple(options), **model_kw), rngs=nnx.Rngs(0))
+  toks = jax.random.randint(jax.random.key(0), (2, 12), 0, vocab)
+
+  def loss_fn(m):
+    logits = m(toks[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
+
+  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+  assert np.isfinite(float(loss))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  return model
