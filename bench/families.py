@@ -39,8 +39,7 @@ def make_config(family: str, dataset: str, steps: int, options: dict):
   c = lm_tiny.get_config()
   c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
                  attention=family)
-  for k, v in options.items():
-    c.model.attention_options[k] = v
+  c.model.attention_options = ",".join(f"{k}={v!r}" for k, v in options.items())
   name, task = DATASETS[dataset]
   c.data = zoo.data.default_data_config(name)
   c.task = task

@@ -38,11 +38,14 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.norm = "rmsnorm"  # rmsnorm | layernorm
   m.norm_eps = 1e-6
   m.attention = "mha"  # a family id, or a comma-separated per-layer pattern
-  m.positional = "rope"  # rope | nope
+  m.positional = "rope"  # rope | nope | alibi | bam | nope_hybrid
   m.rope_base = 10_000.0
   m.rope_scaling = 1.0  # context-extension factor
   m.rope_scaling_type = "linear"  # linear | ntk | yarn | llama3
   m.rope_original_max_len = ml_collections.config_dict.placeholder(int)  # yarn / llama3
+  # nope_hybrid: per-layer "rope"/"nope" list cycled over layers (None: "rope,rope,rope,nope")
+  m.positional_schedule = ml_collections.config_dict.placeholder(str)
+  m.rope_window = ml_collections.config_dict.placeholder(int)  # nope_hybrid: RoPE layers' window
   m.window = ml_collections.config_dict.placeholder(int)  # sliding window for every layer
   m.tie_embeddings = True
   m.max_seq_len = 2048
@@ -50,7 +53,8 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.implementation = "auto"  # attention backend: auto | xla | reference | pallas ...
   m.remat = False
-  m.attention_options = ml_collections.ConfigDict()
+  # Family options as "key=value,key=value" (e.g. "gate=headwise"); see each family's docstring.
+  m.attention_options = ""
   m.update(model_overrides)
 
   c.data = zoo.data.default_data_config("pydoc_text")

@@ -9,7 +9,10 @@ Multi-Head Checkpoints":
 
 MHA: Hkv = Hq; GQA: Hkv divides Hq; MQA: Hkv = 1. KV heads are never
 repeated in memory on the fast path. The mask M is a `Mask` (data, not a
-[T, T] array); `positional` rotates q and k by position ids first.
+[T, T] array); `positional` (an NNX module, layers/attention/positional.py)
+transforms q and k by position ids first and may add a score bias B
+(ALiBi, BAM), passed to the kernel as `bias` (dense [B, Hq, Tq, Tk] until
+the flash kernel evaluates f(i - j) in-kernel).
 The core runs through `pallas_kernels.flash_attention`, whose
 `implementation="auto"` picks the best backend for the platform and ends at
 the memory-efficient XLA path; `implementation="reference"` runs the dense
@@ -34,11 +37,15 @@ from pallas_kernels.flash import reference as flash_reference
 
 
 def mha(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
-        scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
-  """The pure function of the family: q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> [B,Tq,Hq,D]."""
+        scale: Optional[float] = None, implementation: str = "auto",
+        bias: Optional[jax.Array] = None) -> jax.Array:
+  """The pure function of the family: q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> [B,Tq,Hq,D].
+
+  bias: additive logits broadcasting to [B, Hq, Tq, Tk] (after the scale), differentiable.
+  """
   mask = Mask.bidirectional() if mask is None else mask
   return flash_api.flash_attention(q, k, v, scale=scale, implementation=implementation,
-                                   **mask.kernel_args())
+                                   bias=bias, **mask.kernel_args())
 
 
 def mha_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
@@ -59,7 +66,15 @@ class MultiHeadAttention(nnx.Module):
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, rngs=rngs)
     self.out = OutProjection(cfg, rngs=rngs)
-    self.positional = make_positional(cfg)
+    self.positional = make_positional(cfg, rngs=rngs)
+    cls = type(self)
+    if (self.positional.has_bias and not getattr(cls, "applies_positional_bias", False)
+        and (cls.core is not MultiHeadAttention.core
+             or cls.__call__ is not MultiHeadAttention.__call__)):
+      raise ValueError(
+          f"attention={getattr(cls, 'family_id', cls.__name__)!r} does not apply the score bias "
+          f"of positional={cfg.positional!r} (model.positional) yet; use a family that does "
+          "(e.g. 'mha') or a positional encoding without a bias")
 
   def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
@@ -86,7 +101,8 @@ class MultiHeadAttention(nnx.Module):
     (for gates and routers).
     """
     q, k = self.positional(q, k, positions, positions)
-    return mha(q, k, v, mask, implementation=self.cfg.implementation)
+    bias = self.positional.bias(positions, positions)
+    return mha(q, k, v, mask, implementation=self.cfg.implementation, bias=bias)
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Score and value matmul FLOPs per token, forward + backward (PaLM's 12 Hq Dh T)."""

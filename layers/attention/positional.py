@@ -1,24 +1,57 @@
 """Positional encodings, chosen by id with `model.positional`.
 
-An encoding transforms (q, k) given their position ids before the attention
-core; encodings that add a score bias (ALiBi, BAM, ...) will extend this with
-kernel arguments. Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling) and `nope`
-(no positional information: "Length Generalization of Causal Transformers
-without Position Encoding" shows causal masks alone let a model infer order).
+A positional encoding is an `nnx.Module` owned by the attention layer (so the
+parameters of learned encodings train and are checkpointed with it), built by
+`make_positional(cfg, rngs=...)`. It may do either or both of:
+
+  (a) transform q and k: `enc(q, k, q_positions, kv_positions) -> (q, k)`
+      (rotations, scales, norms; identity by default);
+  (b) add a score bias: `enc.bias(q_positions, kv_positions)` -> float32
+      [B|1, Hq, Tq, Tk] or None (the default), added to the logits after the
+      1/sqrt(d) scale and before the mask; `MultiHeadAttention.core` passes it
+      to `flash_attention(bias=...)`, which differentiates through it.
+      `enc.has_bias` says statically whether an encoding makes one.
+
+Honest state of (b): the bias is rendered dense, O(B H Tq Tk) memory, although
+every bias here is a function f_h(i - j) of the position difference. It stays
+so until the flash kernel evaluates the score_mod f(i - j) in-kernel with
+parameter gradients (the Pallas-kernels issue); then `bias` becomes a
+description (function + parameters) instead of an array.
+
+Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling),
+`nope` (no positional information: "Length Generalization of Causal
+Transformers without Position Encoding" shows causal masks alone let a model
+infer order), `alibi` (layers/attention/alibi.py), `bam`
+(layers/attention/bam.py) and `nope_hybrid` (layers/attention/nope_hybrid.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import jax
+from flax import nnx
 
 from layers.attention.config import AttentionConfig
 from layers.attention.rope import apply_rope
 
 
-class RoPE:
-  def __init__(self, cfg: AttentionConfig):
+class PositionalEncoding(nnx.Module):
+  """Base: identity on (q, k), no bias. Subclasses override one or both."""
+
+  has_bias = False  # static: whether `bias` returns an array
+
+  def __call__(self, q: jax.Array, k: jax.Array, q_positions, kv_positions):
+    return q, k
+
+  def bias(self, q_positions: jax.Array, kv_positions: jax.Array) -> Optional[jax.Array]:
+    """Additive logits [B|1, Hq, Tq, Tk] (dense; see the module docstring) or None."""
+    return None
+
+
+class RoPE(PositionalEncoding):
+  def __init__(self, cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None):
+    del rngs
     if cfg.head_dim % 2:
       raise ValueError(f"positional='rope' needs an even head_dim, got {cfg.head_dim}")
     self.kwargs = dict(base=cfg.rope_base, scaling=cfg.rope_scaling,
@@ -29,20 +62,34 @@ class RoPE:
     return apply_rope(q, q_positions, **self.kwargs), apply_rope(k, kv_positions, **self.kwargs)
 
 
-class NoPE:
-  def __init__(self, cfg: AttentionConfig):
-    del cfg
-
-  def __call__(self, q, k, q_positions, kv_positions):
-    return q, k
+class NoPE(PositionalEncoding):
+  def __init__(self, cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None):
+    del cfg, rngs
 
 
-POSITIONAL: Dict[str, Callable[[AttentionConfig], object]] = {"rope": RoPE, "nope": NoPE}
+POSITIONAL: Dict[str, Callable[..., PositionalEncoding]] = {"rope": RoPE, "nope": NoPE}
 
 
-def make_positional(cfg: AttentionConfig):
+def register_positional(name: str):
+  """Class decorator: `positional=name` builds `cls(cfg, rngs=rngs)`."""
+  def deco(cls):
+    if name in POSITIONAL and POSITIONAL[name] is not cls:
+      raise ValueError(f"positional encoding {name!r} is registered twice")
+    POSITIONAL[name] = cls
+    cls.positional_id = name
+    return cls
+  return deco
+
+
+def make_positional(cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None) -> PositionalEncoding:
+  """The encoding module of `cfg.positional`. Learned encodings (bam, nope_hybrid) need rngs
+  only for the module's construction; their initial values are deterministic."""
   if cfg.positional not in POSITIONAL:
     raise ValueError(
         f"unknown positional encoding {cfg.positional!r} (model.positional); "
         f"choose one of {sorted(POSITIONAL)}")
-  return POSITIONAL[cfg.positional](cfg)
+  return POSITIONAL[cfg.positional](cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+# The modules below register themselves with `register_positional`.
+from layers.attention import alibi, bam, nope_hybrid  # noqa: E402,F401

@@ -4,7 +4,8 @@
     h_l = Block_l(h_{l-1})   (pre-norm RMSNorm, attention family of layer l, SwiGLU MLP)
     logits = Norm(h_L) . W_out      (W_out = Embed^T when embeddings are tied)
 
-Positions come from RoPE (or NoPE) inside each attention layer; heads are GQA
+Positions come from the positional encoding inside each attention layer
+(`model.positional`: rope, nope, alibi, bam, nope_hybrid); heads are GQA
 when num_kv_heads < num_heads. The attention family is chosen per layer by id
 (`model.attention`: one id, or a comma-separated pattern cycled over layers,
 e.g. "mha,mha,mha,sliding" style patterns once more families are registered).
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import registry as attention_registry
-from layers.attention.config import AttentionConfig
+from layers.attention.config import AttentionConfig, parse_options
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL
 from layers.block import TransformerBlock
@@ -70,6 +71,8 @@ class LMConfig:
   rope_scaling: float = 1.0
   rope_scaling_type: str = "linear"
   rope_original_max_len: Optional[int] = None
+  positional_schedule: Optional[str] = None  # nope_hybrid: "rope,rope,rope,nope" cycled over layers
+  rope_window: Optional[int] = None  # nope_hybrid: sliding window of the RoPE layers
   window: Optional[int] = None
   tie_embeddings: bool = True
   max_seq_len: int = 2048
@@ -88,13 +91,14 @@ class LMConfig:
     if unknown:
       raise ValueError(f"unknown model fields for llama_lm: {['model.' + u for u in unknown]}")
     if "attention_options" in d:
-      d["attention_options"] = tuple(sorted(dict(d["attention_options"] or {}).items()))
+      d["attention_options"] = tuple(sorted(parse_options(d["attention_options"]).items()))
     if d.get("vocab_size") is None:
       raise ValueError("model.vocab_size is not set (the loop fills it from the dataset)")
     return cls(**d)
 
   def attention_config(self, layer: int) -> AttentionConfig:
-    del layer  # every layer shares the head layout; the family may differ
+    """Every layer shares the head layout; the family, and under positional="nope_hybrid" the
+    encoding and window (`positional_schedule`, `rope_window`), may differ per layer."""
     if self.positional not in POSITIONAL:
       raise ValueError(
           f"unknown positional encoding {self.positional!r} (model.positional); "
@@ -106,6 +110,7 @@ class LMConfig:
           rope_base=self.rope_base, rope_scaling=self.rope_scaling,
           rope_scaling_type=self.rope_scaling_type,
           rope_original_max_len=self.rope_original_max_len, window=self.window,
+          layer=layer, positional_schedule=self.positional_schedule, rope_window=self.rope_window,
           implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
           param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
           options=dict(self.attention_options))
