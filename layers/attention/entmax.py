@@ -200,15 +200,9 @@ def entmax_attention_reference(q, k, v, alpha, mask: Optional[Mask] = None, *,
   """Dense specification: q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D], alpha [Hq] (or scalar)."""
   flash_reference.check_qkv(q, k, v)
   mask = Mask.bidirectional() if mask is None else mask
-  b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  rep = hq // hkv
-  kf = jnp.repeat(k, rep, axis=2).astype(jnp.float32)
-  vf = jnp.repeat(v, rep, axis=2).astype(jnp.float32)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * scale
-  vis = mask.dense(b, tq, tk)
-  s = jnp.where(vis, s, -jnp.inf)
+  b, tq, hq, _ = q.shape
+  vf = flash_reference.repeat_kv(v, hq).astype(jnp.float32)
+  s = jnp.where(mask.dense(b, tq, k.shape[1]), flash_reference.dense_logits(q, k, scale), -jnp.inf)
   p = entmax_bisect(s, _alpha_heads(alpha, hq)[:, None, None], n_iter)
   out = jnp.einsum("bhqk,bkhd->bqhd", p, vf).astype(q.dtype)
   return (out, p) if return_probs else out

@@ -66,7 +66,7 @@ Options (`model.attention_options.<name>`):
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -150,12 +150,9 @@ def multi_token_attention_reference(q, k, v, kq_kernel, head_mix_w=None,
   _check_params(q, k, v, kq_kernel, head_mix_w, head_mix)
   mask = Mask.bidirectional() if mask is None else mask
   b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  rep = hq // hkv
-  kf = jnp.repeat(k, rep, axis=2).astype(jnp.float32)
-  vf = jnp.repeat(v, rep, axis=2).astype(jnp.float32)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * scale
+  tk = k.shape[1]
+  vf = flash_reference.repeat_kv(v, hq).astype(jnp.float32)
+  s = flash_reference.dense_logits(q, k, scale)
   vis = mask.dense(b, tq, tk)
   s0 = jnp.where(vis, s, 0.0)  # Mask_0
   _, cq, ck = kq_kernel.shape

@@ -50,6 +50,7 @@ from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention
 from pallas_kernels.flash import api as flash_api
+from pallas_kernels.flash import reference as flash_reference
 
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_INV_ONE) == 1
 
@@ -73,16 +74,13 @@ def selective_reference(q, k, v, tau, value_scale=None, mask: Optional[Mask] = N
                         scale: Optional[float] = None) -> jax.Array:
   """The specification: dense logits multiplied by tau, values by the value scale."""
   mask = Mask.bidirectional() if mask is None else mask
-  b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  rep = hq // hkv
-  kf = jnp.repeat(k, rep, axis=2).astype(jnp.float32)
+  b, tq, hq, _ = q.shape
+  tk = k.shape[1]
   vf = v.astype(jnp.float32)
   if value_scale is not None:
     vf = vf * value_scale[..., None].astype(jnp.float32)
-  vf = jnp.repeat(vf, rep, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * scale
+  vf = flash_reference.repeat_kv(vf, hq)
+  s = flash_reference.dense_logits(q, k, scale)
   s = s * jnp.moveaxis(tau.astype(jnp.float32), 1, 2)[..., None]  # tau_{t,h} scales row t of head h
   vis = mask.dense(b, tq, tk)
   s = jnp.where(vis, s, -jnp.inf)

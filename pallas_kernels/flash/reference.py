@@ -69,6 +69,18 @@ def check_sinks(sinks, q):
     raise ValueError(f"sinks must have shape ({hq},) (one logit per query head), got {sinks.shape}")
 
 
+def repeat_kv(x: jax.Array, num_q_heads: int) -> jax.Array:
+  """[B, T, Hkv, D] -> [B, T, Hq, D]: kv head g serves query heads g*G .. g*G + G - 1."""
+  return jnp.repeat(x, num_q_heads // x.shape[2], axis=2)
+
+
+def dense_logits(q: jax.Array, k: jax.Array, scale: Optional[float] = None) -> jax.Array:
+  """scale * Q K^T in float32, [B, Hq, Tq, Tk], GQA by repeating K (the obvious form)."""
+  scale = q.shape[3] ** -0.5 if scale is None else scale
+  kf = repeat_kv(k, q.shape[2]).astype(jnp.float32)
+  return jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * scale
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -89,13 +101,11 @@ def attention(
   """
   check_qkv(q, k, v)
   b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
+  tk = k.shape[1]
   if scale is None:
     scale = d ** -0.5
-  rep = hq // hkv
-  k_full = jnp.repeat(k, rep, axis=2)
-  v_full = jnp.repeat(v, rep, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k_full.astype(jnp.float32)) * scale
+  v_full = repeat_kv(v, hq)
+  s = dense_logits(q, k, scale)
   if logits_soft_cap is not None:
     s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
   if bias is not None:

@@ -11,6 +11,7 @@ from layers.attention import AttentionConfig, Mask, registry
 from layers.attention.entmax import (EntmaxAttention, entmax_attention,
                                      entmax_attention_reference, entmax_bisect,
                                      entmax_implicit_reference)
+from tests.family_checks import assert_lm_trains_one_step
 from tests.numerics import rel_err
 
 _ent = jax.jit(entmax_bisect)
@@ -191,17 +192,5 @@ def test_fixed_alpha_has_zero_gradient_and_bad_options_error():
 
 
 def test_decoder_lm_grad_step():
-  from zoo.language.llama import DecoderLM, LMConfig
-  model = DecoderLM(LMConfig(vocab_size=31, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                             mlp_dim=64, attention="entmax",
-                             attention_options=(("block_q", 8),)), rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 31)
-
-  def loss(m):
-    logits = m(tokens[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-  assert np.isfinite(float(value))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert_lm_trains_one_step("entmax", (("block_q", 8),), num_layers=2, vocab=31)
   assert registry.get("entmax") is EntmaxAttention
