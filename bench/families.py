@@ -1,7 +1,10 @@
 """The comparison run: the tiny LM trained with each attention family, on MQAR and on text.
 
-    python bench/families.py                          # every registered family
-    python bench/families.py --families mha,gated --steps 100
+    python bench/families.py                          # every registered family and positional id
+    python bench/families.py --families mha,gated,mha@alibi --steps 100
+
+An entry is a family id, or FAMILY@POSITIONAL to vary the positional encoding
+(`model.positional`) under that family.
 
 For each family id (`model.attention=ID`) and each dataset (the embedded
 pydoc_text corpus with task `lm`; MQAR with task `recall`), trains the same
@@ -29,16 +32,18 @@ import jax  # noqa: E402
 from bench import common  # noqa: E402
 from configs import lm_tiny  # noqa: E402
 from layers.attention import registry  # noqa: E402
+from layers.attention.positional import POSITIONAL  # noqa: E402
 import zoo.data  # noqa: E402
 from zoo.training.loop import train  # noqa: E402
 
 DATASETS = {"text": ("pydoc_text", "lm"), "mqar": ("mqar", "recall")}
 
 
-def make_config(family: str, dataset: str, steps: int, options: dict):
+def make_config(entry: str, dataset: str, steps: int, options: dict):
+  family, _, positional = entry.partition("@")
   c = lm_tiny.get_config()
   c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
-                 attention=family)
+                 attention=family, positional=positional or "rope")
   c.model.attention_options = ",".join(f"{k}={v!r}" for k, v in options.items())
   name, task = DATASETS[dataset]
   c.data = zoo.data.default_data_config(name)
@@ -67,7 +72,8 @@ def main():
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--options", default="{}", help="JSON of model.attention_options per family id")
   args = p.parse_args()
-  families = [f for f in args.families.split(",") if f] or registry.names()
+  families = [f for f in args.families.split(",") if f] or (
+      registry.names() + [f"mha@{p}" for p in sorted(POSITIONAL) if p != "rope"])
   options = json.loads(args.options)
   env = common.environment()
   for family in families:
