@@ -34,3 +34,18 @@ def assert_lm_trains_one_step(attention: str, options=(), *, num_layers: int = 1
   assert np.isfinite(float(loss))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   return model
+
+
+def assert_matches_reference(layer, ref, x, *, tol: float = 1e-5, call=None):
+  """Fast-path layer vs its implementation="reference" twin: outputs and every parameter
+  gradient within `tol` relative error. Returns (grads, reference grads)."""
+  from tests.numerics import rel_err
+  call = call or nnx.jit(lambda m, x: m(x))
+  assert rel_err(call(layer, x), call(ref, x)) < tol
+  vg = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(m(x)))))
+  (_, g), (_, g_ref) = vg(layer), vg(ref)
+  leaves, leaves_ref = jax.tree.leaves(g), jax.tree.leaves(g_ref)
+  assert len(leaves) == len(leaves_ref)
+  for a, b in zip(leaves, leaves_ref):
+    assert rel_err(a, b) < tol
+  return g, g_ref
