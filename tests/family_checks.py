@@ -49,3 +49,10 @@ def assert_matches_reference(layer, ref, x, *, tol: float = 1e-5, call=None):
   for a, b in zip(leaves, leaves_ref):
     assert rel_err(a, b) < tol
   return g, g_ref
+
+
+def random_qkv(hq: int = 4, hkv: int = 2, t: int = 13, d: int = 8, seed: int = 0, q_scale=2.0):
+  """q [2, t, hq, d] (scaled so softmax rows are not flat), k and v [2, t, hkv, d]."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (q_scale * jax.random.normal(ks[0], (2, t, hq, d)),
+          jax.random.normal(ks[1], (2, t, hkv, d)), jax.random.normal(ks[2], (2, t, hkv, d)))

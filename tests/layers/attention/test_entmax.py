@@ -11,7 +11,7 @@ from layers.attention import AttentionConfig, Mask, registry
 from layers.attention.entmax import (EntmaxAttention, entmax_attention,
                                      entmax_attention_reference, entmax_bisect,
                                      entmax_implicit_reference)
-from tests.family_checks import assert_causal, assert_lm_trains_one_step
+from tests.family_checks import assert_causal, assert_lm_trains_one_step, random_qkv
 from tests.numerics import rel_err
 
 _ent = jax.jit(entmax_bisect)
@@ -107,12 +107,7 @@ def test_closed_form_grads_match_implicit_autodiff_and_finite_differences():
     np.testing.assert_allclose(float(ga[i, 0]), float(fd_a), rtol=2e-2, atol=2e-3)
 
 
-def _qkv(hq=4, hkv=2, t=13, d=8, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  q = 2.0 * jax.random.normal(ks[0], (2, t, hq, d))
-  k = jax.random.normal(ks[1], (2, t, hkv, d))
-  v = jax.random.normal(ks[2], (2, t, hkv, d))
-  return q, k, v
+_qkv = random_qkv
 
 
 _ALPHA = jnp.array([1.1, 1.4, 1.7, 2.0])

@@ -11,7 +11,7 @@ from layers.attention import AttentionConfig, Mask, registry
 from layers.attention.mha import mha
 from layers.attention.multi_token import (MultiTokenAttention, multi_token_attention,
                                           multi_token_attention_reference)
-from tests.family_checks import assert_causal, assert_lm_trains_one_step
+from tests.family_checks import assert_causal, assert_lm_trains_one_step, random_qkv
 from tests.numerics import rel_err
 
 
@@ -20,12 +20,7 @@ def _call(m, x):
   return m(x)
 
 
-def _qkv(hq=4, hkv=2, t=13, d=8, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  q = 2.0 * jax.random.normal(ks[0], (2, t, hq, d))
-  k = jax.random.normal(ks[1], (2, t, hkv, d))
-  v = jax.random.normal(ks[2], (2, t, hkv, d))
-  return q, k, v
+_qkv = random_qkv
 
 
 def _params(hq=4, cq=3, ck=3, g=2, seed=0):
