@@ -82,6 +82,18 @@ class AttentionConfig:
   def option(self, name: str, default=None):
     return dict(self.options).get(name, default)
 
+  def bool_option(self, name: str, default: bool) -> bool:
+    value = self.option(name, default)
+    if not isinstance(value, bool):
+      raise ValueError(f"model.attention_options.{name} must be true or false, got {value!r}")
+    return value
+
+  def int_option(self, name: str, default: int) -> int:
+    value = self.option(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"model.attention_options.{name} must be an integer, got {value!r}")
+    return value
+
 
 SCHEDULE_KINDS = ("rope", "nope")
 DEFAULT_SCHEDULE = "rope,rope,rope,nope"  # RNoPE-SWA's 3 RoPE : 1 NoPE (nope_hybrid.py)

@@ -112,13 +112,6 @@ def route(shared_logits: Optional[jax.Array], routed_logits: Optional[jax.Array]
   return jnp.concatenate(parts, axis=-1), aux, selected
 
 
-def _int_option(cfg: AttentionConfig, name: str, default: int) -> int:
-  value = cfg.option(name, default)
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"model.attention_options.{name} must be an integer, got {value!r}")
-  return value
-
-
 @registry.register("moh")
 class MixtureOfHeadAttention(MultiHeadAttention):
   """`mha` projections + two-stage head router (see module doc)."""
@@ -126,12 +119,12 @@ class MixtureOfHeadAttention(MultiHeadAttention):
   def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     h = cfg.num_heads
-    hs = _int_option(cfg, "num_shared_heads", h // 2)
+    hs = cfg.int_option("num_shared_heads", h // 2)
     if not 0 <= hs <= h:
       raise ValueError(
           f"model.attention_options.num_shared_heads must be in [0, num_heads={h}], got {hs}")
     r = h - hs
-    k = _int_option(cfg, "top_k", r // 2 if r > 1 else r)
+    k = cfg.int_option("top_k", r // 2 if r > 1 else r)
     if r > 0 and not 1 <= k <= r:
       raise ValueError(
           f"model.attention_options.top_k must be in [1, {r}] (the {r} routed heads), got {k}")

@@ -76,9 +76,7 @@ class NoPEHybrid(PositionalEncoding):
     pd = cfg.param_dtype
     tau = _temperatures(cfg.option("head_temperature", 1.0), cfg.num_heads)
     self.log_tau = nnx.Param(jnp.log(jnp.asarray(tau)).astype(pd), logical_axes=("heads",))
-    qk_norm = cfg.option("qk_norm", False)
-    if not isinstance(qk_norm, bool):
-      raise ValueError(f"model.attention_options.qk_norm must be true or false, got {qk_norm!r}")
+    qk_norm = cfg.bool_option("qk_norm", False)
     self.eps = float(cfg.option("qk_norm_eps", 1e-6))
     if not self.eps > 0:
       raise ValueError(f"model.attention_options.qk_norm_eps must be positive, got {self.eps}")

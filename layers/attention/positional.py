@@ -33,6 +33,7 @@ import jax
 from flax import nnx
 
 from layers.attention.config import AttentionConfig
+from layers.attention.registry import registrar
 from layers.attention.rope import apply_rope
 
 
@@ -70,15 +71,8 @@ class NoPE(PositionalEncoding):
 POSITIONAL: Dict[str, Callable[..., PositionalEncoding]] = {"rope": RoPE, "nope": NoPE}
 
 
-def register_positional(name: str):
-  """Class decorator: `positional=name` builds `cls(cfg, rngs=rngs)`."""
-  def deco(cls):
-    if name in POSITIONAL and POSITIONAL[name] is not cls:
-      raise ValueError(f"positional encoding {name!r} is registered twice")
-    POSITIONAL[name] = cls
-    cls.positional_id = name
-    return cls
-  return deco
+# Class decorator: `positional=name` builds `cls(cfg, rngs=rngs)`.
+register_positional = registrar(POSITIONAL, "positional encoding", "positional_id")
 
 
 def make_positional(cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None) -> PositionalEncoding:

@@ -12,14 +12,20 @@ from typing import Callable, Dict, List
 _FAMILIES: Dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-  def deco(cls: type) -> type:
-    if name in _FAMILIES and _FAMILIES[name] is not cls:
-      raise ValueError(f"attention family {name!r} is registered twice")
-    _FAMILIES[name] = cls
-    cls.family_id = name
-    return cls
-  return deco
+def registrar(table: Dict[str, type], what: str, id_attr: str):
+  """A class decorator factory adding classes to `table` by id (shared by every registry here)."""
+  def register_as(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+      if name in table and table[name] is not cls:
+        raise ValueError(f"{what} {name!r} is registered twice")
+      table[name] = cls
+      setattr(cls, id_attr, name)
+      return cls
+    return deco
+  return register_as
+
+
+register = registrar(_FAMILIES, "attention family", "family_id")
 
 
 def get(name: str) -> type:

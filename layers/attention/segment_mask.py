@@ -251,9 +251,7 @@ class SegmentMaskAttention(MultiHeadAttention):
   def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.align = cfg.option("segment_align", "left")
-    self.rescale = cfg.option("rescale", False)
-    if not isinstance(self.rescale, bool):
-      raise ValueError(f"model.attention_options.rescale must be true or false, got {self.rescale!r}")
+    self.rescale = cfg.bool_option("rescale", False)
     self.layout_spec = layout_spec_from_option(cfg.option("segment_layout", None))
     if self.layout_spec is not None:
       _np_layout(*self.layout_spec, self.align)  # validates now, not at the first call

@@ -92,22 +92,15 @@ def selective_reference(q, k, v, tau, value_scale=None, mask: Optional[Mask] = N
   return jnp.einsum("bhqk,bkhd->bqhd", p, vf).astype(q.dtype)
 
 
-def _bool_option(cfg: AttentionConfig, name: str, default: bool) -> bool:
-  value = cfg.option(name, default)
-  if not isinstance(value, bool):
-    raise ValueError(f"model.attention_options.{name} must be true or false, got {value!r}")
-  return value
-
-
 @registry.register("selective")
 class SelectiveAttention(MultiHeadAttention):
   """`mha` projections + per-query temperature tau(q, pos) + value temperature (see module doc)."""
 
   def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
-    self.query_temperature = _bool_option(cfg, "query_temperature", True)
-    self.position_temperature = _bool_option(cfg, "position_temperature", True)
-    self.value_temperature = _bool_option(cfg, "value_temperature", True)
+    self.query_temperature = cfg.bool_option("query_temperature", True)
+    self.position_temperature = cfg.bool_option("position_temperature", True)
+    self.value_temperature = cfg.bool_option("value_temperature", True)
     hq, hkv, d, pd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
     self.tau_w = (nnx.Param(jnp.zeros((hq, d), pd), logical_axes=("heads", "head_dim"))
                   if self.query_temperature else None)
