@@ -15,8 +15,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import jax.numpy as jnp
 
 from layers.attention.rope import rope_frequencies
+from pallas_kernels.flash import api as flash_api
 
-IMPLEMENTATIONS = ("auto", "xla", "reference", "pallas", "pallas_interpret", "cudnn")
+# The attention backends a layer may name (pallas_kernels/flash/api.py).
+IMPLEMENTATIONS = flash_api.available_implementations()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,8 +51,8 @@ block with `masking.visible`, convolves (lax.conv, depthwise), masks, softmaxes
 and mixes heads. The block body is wrapped in jax.checkpoint so the backward
 recomputes one block at a time: memory O((block_q + cq) * Hq * Tk + T * D).
 `implementation="reference"` runs the dense quadratic form (explicit shifted
-sums, the specification); "auto" / "xla" run the chunked path; "pallas",
-"pallas_interpret" and "cudnn" raise (no such kernel exists).
+sums, the specification); "auto" / "xla" run the chunked path; "pallas*"
+and "cudnn" raise (no such kernel exists).
 
 Options (`model.attention_options.<name>`):
   kq_kernel ((int, int), (6, 11)): (cq, ck) query and key kernel sizes, >= 1.
@@ -83,7 +83,7 @@ HEAD_MIX = ("post", "pre", "none")
 
 
 def _check_impl(implementation: str):
-  if implementation in ("pallas", "pallas_interpret", "cudnn"):
+  if implementation.startswith("pallas") or implementation == "cudnn":
     raise ValueError(
         f"multi_token has no {implementation!r} kernel (the key-query conv breaks "
         "online-softmax tiling); use implementation='auto', 'xla' (chunked XLA path, linear "

@@ -7,39 +7,41 @@ Every call is validated once, described by an `AttentionCall`, and handed to
 one backend:
 
   * implementation="auto" walks `BACKENDS[platform]` in order and runs the
-    first backend whose `is_supported(call)` says yes. A skipped backend is
+    first backend whose `is_supported(call)` says yes: "pallas_tpu" on TPU,
+    "pallas_triton" on GPU, then "xla" everywhere. A skipped backend is
     logged once per reason (never a silent fallback). Every list ends at the
     XLA path, which supports every call.
+  * implementation="pallas" runs the platform's Pallas kernel (on CPU the
+    interpret-mode twin "pallas_interpret"); "pallas_tpu_interpret" runs the
+    TPU kernel's logic on CPU; "cudnn" jax.nn's cuDNN call on GPU.
   * implementation="<name>" runs that backend or raises: a registered backend
     that does not support the call raises ValueError with its reason; a
-    backend that is planned but not written ("pallas", "pallas_interpret",
-    "cudnn") raises NotImplementedError; any other name raises ValueError.
+    backend that is planned but not written ("pallas_mosaic_gpu") raises
+    NotImplementedError; any other name raises ValueError.
+The rules live in `pallas_kernels/dispatch.py`; the backends in xla.py,
+pallas.py (tpu.py, gpu_triton.py) and cudnn.py.
 
 A new backend is an object with `name`, `is_supported(call) -> (bool, reason)`
 and `__call__(q, k, v, call=, mask_args=, bias=, scale=, logits_soft_cap=,
-sinks=, return_lse=, block_q=, block_k=)`, added with `register_backend`.
+sinks=, distance_bias=, return_lse=, block_q=, block_k=)`, added with
+`register_backend`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Dict, FrozenSet, List, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference
 from pallas_kernels.flash import xla
 
-_log = logging.getLogger(__name__)
-
-# Backends named by the architecture but not written yet: asking for one by
-# name must fail loudly rather than run something else.
-PLANNED_IMPLEMENTATIONS = ("pallas", "pallas_interpret", "cudnn")
-
-MASK_KINDS = ("causal", "window", "chunk", "prefix", "segments", "padding", "positions", "dense")
+MASK_KINDS = ("causal", "window", "chunk", "prefix", "segments", "padding", "positions", "dense",
+              "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,8 @@ class AttentionCall:
 
   `mask_kinds` is a subset of MASK_KINDS: "positions" means the caller passed
   its own q/kv positions (rather than the default bottom-right 0..Tk-1),
-  "padding" means kv_lengths, "dense" an explicit boolean mask.
+  "padding" means kv_lengths, "dense" an explicit boolean mask, "blocks" a
+  block mask over `block_shape` tiles (block-sparse attention).
   """
 
   platform: str
@@ -70,6 +73,8 @@ class AttentionCall:
   return_lse: bool
   block_q: Optional[int]
   block_k: Optional[int]
+  has_distance_bias: bool = False
+  block_shape: Optional[Tuple[int, int]] = None
 
   @property
   def group_size(self) -> int:
@@ -83,20 +88,29 @@ class Backend(Protocol):
     ...
 
   def __call__(self, q, k, v, *, call: AttentionCall, mask_args: masking.MaskArgs, bias, scale,
-               logits_soft_cap, sinks, return_lse: bool, block_q, block_k):
+               logits_soft_cap, sinks, distance_bias, return_lse: bool, block_q, block_k):
     ...
 
 
 class XlaBackend:
-  """The memory-efficient path in plain XLA (`xla.py`); supports every call on every platform."""
+  """The memory-efficient path in plain XLA (`xla.py`); supports every call on every platform.
+
+  A distance bias is rendered dense here (O(B Hq Tq Tk) memory); the Pallas
+  kernels compute it per tile.
+  """
 
   name = "xla"
 
   def is_supported(self, call):
     return True, ""
 
-  def __call__(self, q, k, v, *, call, mask_args, bias, scale, logits_soft_cap, sinks, return_lse,
-               block_q, block_k):
+  def __call__(self, q, k, v, *, call, mask_args, bias, scale, logits_soft_cap, sinks,
+               distance_bias, return_lse, block_q, block_k):
+    if distance_bias is not None:
+      b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+      dense = reference.distance_bias_dense(
+          distance_bias, *reference.positions(mask_args, b, tq, tk))
+      bias = dense if bias is None else reference.check_bias(bias, q, k).astype(jnp.float32) + dense
     return xla.attention(q, k, v, mask_args=mask_args, bias=bias, scale=scale,
                          logits_soft_cap=logits_soft_cap, sinks=sinks, return_lse=return_lse,
                          block_q=block_q, block_k=block_k)
@@ -110,27 +124,27 @@ class ReferenceBackend:
   def is_supported(self, call):
     return True, ""
 
-  def __call__(self, q, k, v, *, call, mask_args, bias, scale, logits_soft_cap, sinks, return_lse,
-               block_q, block_k):
+  def __call__(self, q, k, v, *, call, mask_args, bias, scale, logits_soft_cap, sinks,
+               distance_bias, return_lse, block_q, block_k):
     return reference.attention(q, k, v, mask_args=mask_args, bias=bias, scale=scale,
-                               logits_soft_cap=logits_soft_cap, sinks=sinks, return_lse=return_lse)
+                               logits_soft_cap=logits_soft_cap, sinks=sinks,
+                               distance_bias=distance_bias, return_lse=return_lse)
 
 
 XLA = XlaBackend()
 REFERENCE = ReferenceBackend()
 
-# "auto" order per platform (jax.default_backend()). Faster, narrower
-# backends go in front of XLA with `register_backend`.
-BACKENDS: Dict[str, List[Backend]] = {"cpu": [XLA], "gpu": [XLA], "tpu": [XLA]}
+# "auto" order per platform (jax.default_backend()), ending at XLA. The Pallas
+# and cuDNN backends put themselves in front when their modules are imported
+# (`pallas_kernels/flash/__init__.py`).
+DISPATCH = dispatch.Dispatcher("flash_attention", XLA, extra=[REFERENCE],
+                               planned=("pallas_mosaic_gpu",))
+BACKENDS = DISPATCH.backends
 
 
 def register_backend(backend: Backend, platforms, *, before: str = "xla") -> None:
   """Puts `backend` into the "auto" list of each platform, just ahead of `before`."""
-  for platform in platforms:
-    order = BACKENDS.setdefault(platform, [XLA])
-    order[:] = [b for b in order if b.name != backend.name]
-    names = [b.name for b in order]
-    order.insert(names.index(before) if before in names else len(order), backend)
+  DISPATCH.register(backend, platforms, before=before)
 
 
 def flash_attention(
@@ -151,6 +165,10 @@ def flash_attention(
     chunk_size: Optional[int] = None,
     logits_soft_cap: Optional[float] = None,
     sinks: Optional[jax.Array] = None,
+    distance_bias: Optional[jax.Array] = None,
+    query_scale: Optional[jax.Array] = None,
+    block_mask: Optional[jax.Array] = None,
+    block_shape: Optional[Tuple[int, int]] = None,
     return_lse: bool = False,
     implementation: str = "auto",
     block_q: Optional[int] = None,
@@ -170,6 +188,15 @@ def flash_attention(
       `masking.py`. Queries default to the last Tq key positions.
     logits_soft_cap: cap * tanh(logits / cap), before bias and mask.
     sinks: [Hq] learned logits that join the softmax denominator with no value.
+    distance_bias: [Hq, 3] rows (slope, power, center): adds
+      -slope_h |q_pos - k_pos - center_h|^power_h to the logits (ALiBi, BAM),
+      computed inside the tiles by the Pallas kernels; differentiable.
+    query_scale: [B, Tq, Hq] per-query logit multipliers (learned or
+      length-dependent temperatures). Logits are linear in q, so it is folded
+      into q before dispatch: every backend supports it, gradients included.
+    block_mask, block_shape: block-sparse attention, a boolean
+      [B|1, Hq|1, ceil(Tq/bq), ceil(Tk/bk)] over (bq, bk) = block_shape tiles,
+      AND-ed with the other mask settings (see `block_sparse_attention`).
     return_lse: also return the log-sum-exp [B, Hq, Tq] (float32; -inf for a
       row with nothing visible and no sink).
     implementation: "auto", "xla", "reference", or a registered backend name.
@@ -188,32 +215,41 @@ def flash_attention(
   mask_args = masking.make_mask_args(
       b, tq, tk, is_causal=is_causal, local_window_size=local_window_size, chunk_size=chunk_size,
       segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, mask=mask, num_heads=hq)
+      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, mask=mask, num_heads=hq,
+      block_mask=block_mask, block_shape=block_shape)
   if bias is not None:
     reference.check_bias(bias, q, k)
   if sinks is not None:
     reference.check_sinks(sinks, q)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
     raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  if distance_bias is not None:
+    reference.check_distance_bias(distance_bias, q)
+  if query_scale is not None:
+    if tuple(query_scale.shape) != (b, tq, hq):
+      raise ValueError(f"query_scale must have shape {(b, tq, hq)} ([B, Tq, Hq]), got"
+                       f" {tuple(query_scale.shape)}")
+    q = (q * query_scale[..., None]).astype(q.dtype)
   call = describe_call(q, k, v, mask_args=mask_args, bias=bias, logits_soft_cap=logits_soft_cap,
                        sinks=sinks, return_lse=return_lse, block_q=block_q, block_k=block_k,
-                       user_positions=q_positions is not None or kv_positions is not None)
+                       user_positions=q_positions is not None or kv_positions is not None,
+                       distance_bias=distance_bias)
   backend = select_backend(call, implementation)
   return backend(q, k, v, call=call, mask_args=mask_args, bias=bias, scale=scale,
-                 logits_soft_cap=logits_soft_cap, sinks=sinks, return_lse=return_lse,
-                 block_q=block_q, block_k=block_k)
+                 logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+                 return_lse=return_lse, block_q=block_q, block_k=block_k)
 
 
 def describe_call(q, k, v, *, mask_args, bias=None, logits_soft_cap=None, sinks=None,
                   return_lse=False, block_q=None, block_k=None, user_positions=False,
-                  platform: Optional[str] = None) -> AttentionCall:
+                  distance_bias=None, platform: Optional[str] = None) -> AttentionCall:
   """The `AttentionCall` of validated arguments."""
   m = mask_args
   kinds = {
       "causal": m.is_causal, "window": m.window is not None, "chunk": m.chunk_size is not None,
       "prefix": m.prefix_lengths is not None, "segments": m.q_segment_ids is not None,
       "padding": m.kv_lengths is not None, "positions": user_positions,
-      "dense": m.dense is not None}
+      "dense": m.dense is not None, "blocks": m.block_mask is not None}
   return AttentionCall(
       platform=platform or jax.default_backend(),
       batch=q.shape[0], q_len=q.shape[1], kv_len=k.shape[1],
@@ -223,59 +259,18 @@ def describe_call(q, k, v, *, mask_args, bias=None, logits_soft_cap=None, sinks=
       window=m.window, chunk_size=m.chunk_size,
       bias_shape=None if bias is None else (1,) * (4 - bias.ndim) + tuple(bias.shape),
       logits_soft_cap=logits_soft_cap, has_sinks=sinks is not None, return_lse=return_lse,
-      block_q=block_q, block_k=block_k)
+      block_q=block_q, block_k=block_k, has_distance_bias=distance_bias is not None,
+      block_shape=m.block_shape)
 
 
 def select_backend(call: AttentionCall, implementation: str = "auto") -> Backend:
-  """The backend that runs `call` (see the module docstring for the rules)."""
-  _check_implementation_name(implementation)
-  order = BACKENDS.get(call.platform, [XLA])
-  if implementation == "auto":
-    for backend in order:
-      ok, reason = backend.is_supported(call)
-      if ok:
-        return backend
-      _log_skip_once(call.platform, backend.name, reason)
-    raise AssertionError(f"no backend in {[b.name for b in order]} supports {call}")  # XLA always does
-  backend = _find(implementation, call.platform)
-  ok, reason = backend.is_supported(call)
-  if not ok:
-    raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")
-  return backend
+  """The backend that runs `call` (see `pallas_kernels/dispatch.py` for the rules)."""
+  return DISPATCH.select(call, implementation, platform=call.platform)
 
 
 def available_implementations() -> Tuple[str, ...]:
-  names = {"auto", REFERENCE.name} | {b.name for order in BACKENDS.values() for b in order}
-  return tuple(sorted(names))
-
-
-def _find(name, platform) -> Backend:
-  if name == REFERENCE.name:
-    return REFERENCE
-  for backend in BACKENDS.get(platform, []):
-    if backend.name == name:
-      return backend
-  for platform_name, order in BACKENDS.items():
-    for backend in order:
-      if backend.name == name:
-        raise ValueError(
-            f"implementation={name!r} is registered for platform {platform_name!r}, not for the"
-            f" current platform {platform!r}")
-  raise NotImplementedError(
-      f"implementation={name!r}: the {name} attention backend is not written yet; use"
-      f" implementation='auto' or 'xla'")
+  return DISPATCH.names()
 
 
 def _check_implementation_name(name):
-  valid = set(available_implementations()) | set(PLANNED_IMPLEMENTATIONS)
-  if name not in valid:
-    raise ValueError(f"implementation must be one of {sorted(valid)}, got implementation={name!r}")
-
-
-_logged_skips = set()
-
-
-def _log_skip_once(platform, name, reason):
-  if (platform, name, reason) not in _logged_skips:
-    _logged_skips.add((platform, name, reason))
-    _log.warning("flash_attention: skipping backend %r on %s: %s", name, platform, reason)
+  DISPATCH.check_name(name)

@@ -19,6 +19,9 @@ Conventions (all paths follow them):
   * segment ids:     q_seg == kv_seg (packed sequences never see each other).
   * kv_lengths:      padding; key *indices* >= kv_lengths[b] are invisible.
   * dense mask:      an explicit boolean [B|1, H|1, Tq, Tk] (reference style).
+  * block mask:      a boolean [B|1, H|1, nq, nk] over (block_q, block_k) tiles
+                     (`block_shape`): block-sparse attention; token (i, j) is
+                     visible only if its tile is. AND-ed with the rules above.
 A query row with no visible key outputs zeros and has zero gradient.
 """
 
@@ -66,6 +69,8 @@ class MaskArgs:
   prefix_lengths: Optional[jax.Array] = None  # [B]
   kv_lengths: Optional[jax.Array] = None  # [B]
   dense: Optional[jax.Array] = None  # [B|1, H|1, Tq, Tk] bool
+  block_mask: Optional[jax.Array] = None  # [B|1, H|1, nq, nk] bool
+  block_shape: Optional[Tuple[int, int]] = None  # (block_q, block_k) of block_mask
 
   @property
   def is_trivial(self) -> bool:
@@ -80,8 +85,8 @@ class MaskArgs:
 jax.tree_util.register_dataclass(
     MaskArgs,
     data_fields=["q_segment_ids", "kv_segment_ids", "q_positions", "kv_positions",
-                 "prefix_lengths", "kv_lengths", "dense"],
-    meta_fields=["is_causal", "window", "chunk_size"])
+                 "prefix_lengths", "kv_lengths", "dense", "block_mask"],
+    meta_fields=["is_causal", "window", "chunk_size", "block_shape"])
 
 
 def make_mask_args(
@@ -99,6 +104,8 @@ def make_mask_args(
     kv_lengths=None,
     mask=None,
     num_heads: Optional[int] = None,
+    block_mask=None,
+    block_shape: Optional[Tuple[int, int]] = None,
 ) -> MaskArgs:
   """Validates the user-facing mask arguments and fills in default positions.
 
@@ -141,11 +148,26 @@ def make_mask_args(
           f"mask must be [B|1={batch}, H|1={num_heads or 'H'}, Tq={tq}, Tk={tk}],"
           f" got {tuple(mask.shape)}")
     mask = mask.astype(bool)
+  if block_mask is not None:
+    if block_shape is None or len(block_shape) != 2 or min(block_shape) <= 0:
+      raise ValueError(f"block_shape must be a positive (block_q, block_k) pair, got {block_shape!r}")
+    nq, nk = -(-tq // block_shape[0]), -(-tk // block_shape[1])
+    heads_ok = num_heads is None or block_mask.shape[1] in (1, num_heads)
+    if (block_mask.ndim != 4 or block_mask.shape[-2:] != (nq, nk)
+        or block_mask.shape[0] not in (1, batch) or not heads_ok):
+      raise ValueError(
+          f"block_mask must be [B|1={batch}, H|1={num_heads or 'H'}, nq={nq}, nk={nk}] for"
+          f" block_shape={tuple(block_shape)}, got {tuple(block_mask.shape)}")
+    block_mask = block_mask.astype(bool)
+    block_shape = (int(block_shape[0]), int(block_shape[1]))
+  else:
+    block_shape = None
   return MaskArgs(
       is_causal=is_causal, window=window, chunk_size=chunk_size,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg,
       q_positions=q_positions, kv_positions=kv_positions,
-      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, dense=mask)
+      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, dense=mask,
+      block_mask=block_mask, block_shape=block_shape)
 
 
 def _check_shape(name, x, shape):
@@ -199,6 +221,12 @@ def visible(m: MaskArgs, q_idx: jax.Array, kv_idx: jax.Array,
     d = m.dense
     d = jnp.take(d, jnp.clip(q_idx, 0, d.shape[2] - 1), axis=2)
     d = jnp.take(d, jnp.clip(kv_idx, 0, d.shape[3] - 1), axis=3)
+    out = conj(out, d)
+  if m.block_mask is not None:
+    bq, bk = m.block_shape
+    d = m.block_mask
+    d = jnp.take(d, jnp.clip(q_idx // bq, 0, d.shape[2] - 1), axis=2)
+    d = jnp.take(d, jnp.clip(kv_idx // bk, 0, d.shape[3] - 1), axis=3)
     out = conj(out, d)
   if tk is not None:
     out = conj(out, (kv_idx < tk)[None, None, None, :])

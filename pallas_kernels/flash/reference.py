@@ -5,10 +5,15 @@ For query head h, which reads kv head g(h) = floor(h * Hkv / Hq):
     S   = scale * Q_h K_{g(h)}^T                      [Tq, Tk]
     S   = cap * tanh(S / cap)                          if logits_soft_cap
     S   = S + bias_h                                   if bias
+    S   = S - slope_h |Δ - c_h|^p_h,  Δ = q_pos - k_pos  if a distance bias
     S   = where(visible, S, -inf)                      the mask (masking.py)
     lse = log(sum_j exp(S_ij) + exp(sink_h))           the sink term if sinks
     O_h = exp(S - lse) V_{g(h)}
 
+The distance bias is an additive bias that depends only on the distance of
+positions (ALiBi: p = 1, c = 0; BAM's generalised Gaussian prior: slope =
+α^-β, p = β, c = μ); `distance_bias[h] = (slope, power, center)`. The Pallas
+kernels compute it inside each tile; here it is rendered dense.
 The soft cap comes before the bias so that an additive -inf bias stays a mask
 (tanh would turn it into -cap). A sink is a learned logit that joins every
 row's softmax denominator but carries no value, so a row may give weight to
@@ -69,6 +74,37 @@ def check_sinks(sinks, q):
     raise ValueError(f"sinks must have shape ({hq},) (one logit per query head), got {sinks.shape}")
 
 
+def check_distance_bias(distance_bias, q):
+  hq = q.shape[2]
+  if tuple(distance_bias.shape) != (hq, 3):
+    raise ValueError("distance_bias must have shape"
+                     f" ({hq}, 3) (slope, power, center per query head), got {distance_bias.shape}")
+
+
+def positions(mask_args: Optional[masking.MaskArgs], batch: int, tq: int, tk: int):
+  """(q_positions [B, Tq], kv_positions [B, Tk]): the mask's, or the bottom-right default."""
+  if mask_args is not None and mask_args.q_positions is not None:
+    return mask_args.q_positions, mask_args.kv_positions
+  kv_pos = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (batch, tk))
+  q_pos = jnp.broadcast_to(jnp.arange(tk - tq, tk, dtype=jnp.int32), (batch, tq))
+  return q_pos, kv_pos
+
+
+def distance_bias_dense(distance_bias: jax.Array, q_positions: jax.Array,
+                        kv_positions: jax.Array) -> jax.Array:
+  """-slope_h |q_pos - k_pos - c_h|^p_h as float32 [B, Hq, Tq, Tk]; 0 where the distance is c_h.
+
+  |x|^p is written exp(p log x) with x = 0 mapped to 0 with zero gradient, so
+  p <= 1 (whose derivative is unbounded at 0) gives no NaN.
+  """
+  params = distance_bias.astype(jnp.float32)
+  slope, power, center = (params[:, i][None, :, None, None] for i in range(3))
+  delta = (q_positions[:, None, :, None] - kv_positions[:, None, None, :]).astype(jnp.float32)
+  x = jnp.abs(delta - center)
+  safe = jnp.where(x > 0, x, 1.0)
+  return -slope * jnp.where(x > 0, jnp.exp(power * jnp.log(safe)), 0.0)
+
+
 def repeat_kv(x: jax.Array, num_q_heads: int) -> jax.Array:
   """[B, T, Hkv, D] -> [B, T, Hq, D]: kv head g serves query heads g*G .. g*G + G - 1."""
   return jnp.repeat(x, num_q_heads // x.shape[2], axis=2)
@@ -91,12 +127,14 @@ def attention(
     scale: Optional[float] = None,
     logits_soft_cap: Optional[float] = None,
     sinks: Optional[jax.Array] = None,
+    distance_bias: Optional[jax.Array] = None,
     return_lse: bool = False,
     return_probs: bool = False,
 ):
   """Dense attention. Returns out [B, Tq, Hq, Dv] (+ lse [B, Hq, Tq]) (+ probs [B, Hq, Tq, Tk]).
 
-  `bias` broadcasts against [B, Hq, Tq, Tk]; `sinks` is [Hq]. `probs` are the
+  `bias` broadcasts against [B, Hq, Tq, Tk]; `sinks` is [Hq]; `distance_bias`
+  is [Hq, 3] (slope, power, center), on the mask's positions or the default. `probs` are the
   weights on the keys; with sinks a row sums to less than one.
   """
   check_qkv(q, k, v)
@@ -110,6 +148,9 @@ def attention(
     s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
   if bias is not None:
     s = s + check_bias(bias, q, k).astype(jnp.float32)
+  if distance_bias is not None:
+    check_distance_bias(distance_bias, q)
+    s = s + distance_bias_dense(distance_bias, *positions(mask_args, b, tq, tk))
   allowed = None
   if mask_args is not None:
     allowed = masking.visible(mask_args, jnp.arange(tq), jnp.arange(tk))

@@ -401,11 +401,12 @@ class _Slab:
     if m is None:
       return None
     rows = lambda x: None if x is None else _block(x, 0, self.b0, self.cfg.block_b)
-    dense = None if m.dense is None else self._rows_heads(m.dense, 1, self.group)
+    heads = lambda x: None if x is None else self._rows_heads(x, 1, self.group)  # noqa: E731
     return dataclasses.replace(
         m, q_segment_ids=rows(m.q_segment_ids), kv_segment_ids=rows(m.kv_segment_ids),
         q_positions=rows(m.q_positions), kv_positions=rows(m.kv_positions),
-        prefix_lengths=rows(m.prefix_lengths), kv_lengths=rows(m.kv_lengths), dense=dense)
+        prefix_lengths=rows(m.prefix_lengths), kv_lengths=rows(m.kv_lengths),
+        dense=heads(m.dense), block_mask=heads(m.block_mask))
 
 
 def _put(buf, x, starts):

@@ -1,12 +1,7 @@
 """The memory-efficient XLA attention path against the dense reference, and the dispatch.
 
-Every comparison is relative to the reference's scale:
-    max |x - ref| / max |ref| < tol,
-tol = 1e-5 in float32 and 2e-2 for bfloat16 inputs (8-bit mantissa; the
-reference runs in float32 on the same rounded inputs). Outputs and the
-gradients with respect to q, k, v (and bias, sinks, when present) are checked
-for every case, and every array must be finite (no NaN from empty rows).
-Shapes are small and lengths odd so that blocks of 16/32 leave ragged tails;
+Comparisons (outputs and gradients, relative to the reference's scale) are
+`parity.compare`'s. Shapes are small and lengths odd so that blocks of 16/32 leave ragged tails;
 `block_b=block_h=1` forces one (batch, kv head) slab per loop step (the CPU
 layout), `None` lets small shapes take one slab (the accelerator layout).
 """
@@ -19,87 +14,21 @@ import numpy as np
 import pytest
 
 from pallas_kernels import flash_attention
-from pallas_kernels.flash import api, masking, reference, xla
-
-F32_TOL = 1e-5
-BF16_TOL = 2e-2
-
-
-# The cases differ in structure, so each compiles its own program; XLA's LLVM
-# optimisation dominates that time and changes no numerics, so it is turned
-# down. Inputs come from numpy so that making them compiles nothing.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _normal(seed, shape, dtype=jnp.float32):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
-
-
-def _inputs(b, tq, tk, hq, hkv, d, dv=None, dtype=jnp.float32, seed=0):
-  dv = dv or d
-  q = _normal((seed, 0), (b, tq, hq, d), dtype)
-  k = _normal((seed, 1), (b, tk, hkv, d), dtype)
-  v = _normal((seed, 2), (b, tk, hkv, dv), dtype)
-  do = _normal((seed, 3), (b, tq, hq, dv), dtype)
-  return q, k, v, do
-
-
-def _jit(fn, *args):
-  """fn(*args), compiled once with FAST_COMPILE."""
-  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+from pallas_kernels import dispatch
+from pallas_kernels.flash import api, masking, xla
+from tests.pallas_kernels.flash.parity import (BF16_TOL, F32_TOL, compare, inputs as _inputs,
+                                               jit as _jit, normal as _normal)
+from tests.numerics import rel_err as _rel_err
 
 
 def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_cap=None,
              return_lse=False, tol=F32_TOL, **blocks):
-  """Runs both paths (outputs and VJPs, in one jit) and checks them; returns (xla, ref) results."""
-  diff_args = {"q": q, "k": k, "v": v}
-  if bias is not None:
-    diff_args["bias"] = bias
-  if sinks is not None:
-    diff_args["sinks"] = sinks
-  dlse = None
-  if return_lse:
-    dlse = _normal(7, (q.shape[0], q.shape[2], q.shape[1]))
-
-  def run(fn, args):
-    def f(args):
-      return fn(args["q"], args["k"], args["v"], mask_args=mask_args, bias=args.get("bias"),
-                sinks=args.get("sinks"), logits_soft_cap=logits_soft_cap, return_lse=return_lse)
-    outs, vjp = jax.vjp(f, args)
-    (grads,) = vjp((do, dlse) if return_lse else do)
-    return outs, grads
-
-  def both(args):
-    xla_fn = lambda *a, **kw: xla.attention(*a, **kw, **blocks)
-    # The reference in float32 on the same (possibly rounded) inputs.
-    def ref_fn(q, k, v, **kw):
-      f32 = lambda x: x.astype(jnp.float32)
-      outs = reference.attention(f32(q), f32(k), f32(v), **kw)
-      return (outs[0].astype(q.dtype), outs[1]) if return_lse else outs.astype(q.dtype)
-    return run(xla_fn, args), run(ref_fn, args)
-
-  (out, grads), (ref_out, ref_grads) = _jit(both, diff_args)
-  if return_lse:
-    (out, lse), (ref_out, ref_lse) = out, ref_out
-    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    assert _rel_err(np.where(finite, lse, 0), np.where(finite, ref_lse, 0)) < tol
-  assert out.dtype == q.dtype and out.shape == ref_out.shape
-  for name, x in [("out", out)] + sorted(grads.items()):
-    assert np.all(np.isfinite(np.asarray(x, np.float32))), f"{name} has non-finite values"
-    assert x.shape == diff_args.get(name, out).shape
-  assert _rel_err(out, ref_out) < tol, ("out", _rel_err(out, ref_out))
-  for name in grads:
-    assert grads[name].dtype == diff_args[name].dtype
-    err = _rel_err(grads[name], ref_grads[name])
-    assert err < tol, (f"d{name}", err)
-  return (out, grads), (ref_out, ref_grads)
+  """parity.compare for the XLA path with the given block/slab sizes."""
+  def fast(q, k, v, *, distance_bias, **kw):
+    assert distance_bias is None
+    return xla.attention(q, k, v, **kw, **blocks)
+  return compare(fast, q, k, v, do, mask_args=mask_args, bias=bias, sinks=sinks,
+                 logits_soft_cap=logits_soft_cap, return_lse=return_lse, tol=tol)
 
 
 # ---------------------------------------------------------------------------
@@ -345,13 +274,6 @@ def test_unknown_implementation_is_an_error_naming_the_choices():
     flash_attention(q, k, v, implementation="nope")
 
 
-@pytest.mark.parametrize("name", ["pallas", "pallas_interpret", "cudnn"])
-def test_planned_backends_are_not_silent_fallbacks(name):
-  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
-  with pytest.raises(NotImplementedError, match=name):
-    flash_attention(q, k, v, implementation=name)
-
-
 @pytest.mark.parametrize("change,match", [
     (dict(q=jnp.zeros((1, 8, 2))), "q, k, v must be"),
     (dict(k=jnp.zeros((1, 8, 3, 8)), v=jnp.zeros((1, 8, 3, 8))), "multiple of kv heads"),
@@ -390,12 +312,12 @@ def test_auto_skips_an_unsupported_backend_and_logs_once(monkeypatch, caplog):
 
   backend = OnlyCausal()
   monkeypatch.setitem(api.BACKENDS, "cpu", list(api.BACKENDS["cpu"]))
-  monkeypatch.setattr(api, "_logged_skips", set())
+  monkeypatch.setattr(api.DISPATCH, "_logged", set())
   api.register_backend(backend, ["cpu"])
   assert [b.name for b in api.BACKENDS["cpu"]] == ["only_causal", "xla"]
   q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8)
   bidirectional = api.describe_call(q, k, v, mask_args=masking.make_mask_args(1, 8, 8))
-  with caplog.at_level(logging.WARNING, logger=api.__name__):
+  with caplog.at_level(logging.WARNING, logger=dispatch.__name__):
     for _ in range(3):
       assert api.select_backend(bidirectional) is api.XLA
   skips = [r for r in caplog.records if "only_causal" in r.getMessage()]

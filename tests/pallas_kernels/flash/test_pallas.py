@@ -1,0 +1,273 @@
+"""The Pallas flash kernels against the dense reference, their schedules, and the dispatch.
+
+Both kernel styles run here in interpret mode (the same kernel bodies the
+hardware compiles): "triton" (the GPU program that loops over its key blocks)
+and "tpu" (the grid walks scalar-prefetched block lists). Every case checks
+outputs and gradients with `parity.compare`. Tiles of 8/16 rows cut the odd
+lengths into several blocks with ragged tails, so the block schedule, the
+padding and the tile skipping are all exercised. GPU-marked tests compile
+the Triton and cuDNN backends for real and are skipped without a GPU.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import flash_attention
+from pallas_kernels.flash import api, masking, pallas, reference, schedule
+from tests.numerics import rel_err
+from tests.pallas_kernels.flash.parity import BF16_TOL, compare, inputs, jit
+
+KERNELS = ("triton", "tpu")
+B, T, HQ, HKV, D = 2, 37, 4, 2, 8
+
+
+def _segments(t):
+  seg = np.zeros((B, t), np.int32)
+  seg[0, :12], seg[0, 12:30], seg[0, 30:] = 1, 2, 3
+  seg[1, :20], seg[1, 20:] = 1, 2
+  return jnp.asarray(seg)
+
+
+def _fast(kernel, block_q=8, block_k=16, on_gpu=False):
+  def fast(q, k, v, *, mask_args, bias, **kw):
+    assert bias is None
+    if mask_args is None:
+      mask_args = masking.MaskArgs()
+    return pallas.attention(q, k, v, mask_args=mask_args, block_q=block_q, block_k=block_k,
+                            kernel=kernel, interpret=not on_gpu, **kw)
+  return fast
+
+
+MASKS = {
+    "none": dict(),
+    "causal": dict(is_causal=True),
+    "padding_empty_batch_row": dict(is_causal=True, kv_lengths=jnp.array([25, 0])),
+    "segments_causal": dict(is_causal=True, segment_ids=_segments(T)),
+    "segments_bidirectional": dict(segment_ids=_segments(T)),
+    "prefix_lm": dict(is_causal=True, prefix_lengths=jnp.array([10, 0])),
+    "window_left_right": dict(local_window_size=(4, 6)),
+    "window_right_unbounded_left": dict(local_window_size=(None, 3)),
+    "chunked": dict(is_causal=True, chunk_size=8),
+    "combined": dict(is_causal=True, local_window_size=9, segment_ids=_segments(T),
+                     kv_lengths=jnp.array([33, 17])),
+    "custom_positions": dict(is_causal=True,
+                             q_positions=jnp.tile(jnp.arange(T)[::-1], (B, 1)),
+                             kv_positions=jnp.tile(jnp.arange(T)[::-1], (B, 1))),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", sorted(MASKS))
+def test_mask_kinds(kernel, kind):
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D)
+  mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
+  compare(_fast(kernel), q, k, v, do, mask_args=mask_args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_modifications_and_empty_rows(kernel):
+  """Soft cap, sinks, distance bias (their gradients too) and lse, with rows that see nothing."""
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, seed=1)
+  sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+  # (slope, power, center): ALiBi-like, a BAM prior off-centre, a sub-linear and a super-linear one.
+  distance_bias = jnp.array([[0.25, 1.0, 0.0], [0.1, 1.5, 3.0], [0.5, 0.7, -2.0], [0.05, 2.0, 1.0]])
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, kv_lengths=jnp.array([T, 0]))
+  (out, grads), _ = compare(_fast(kernel), 4 * q, k, v, do, mask_args=mask_args, sinks=sinks,
+                            distance_bias=distance_bias, logits_soft_cap=3.0, return_lse=True)
+  np.testing.assert_array_equal(out[1], 0.0)  # all weight on the sink, which has no value
+  np.testing.assert_array_equal(grads["k"][1], 0.0)
+  assert np.all(grads["sinks"] != 0) and np.all(grads["distance_bias"] != 0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_masked_rows_without_sinks(kernel):
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, seed=2)
+  # Batch row 1 sees no key; in row 0 the first 10 queries sit before every key (causal).
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True,
+                                     q_positions=jnp.tile(jnp.arange(T) - 10, (B, 1)),
+                                     kv_positions=jnp.tile(jnp.arange(T), (B, 1)),
+                                     kv_lengths=jnp.array([T, 0]))
+  (out, grads), _ = compare(_fast(kernel), q, k, v, do, mask_args=mask_args, return_lse=True)
+  np.testing.assert_array_equal(out[1], 0.0)
+  np.testing.assert_array_equal(out[0, :10], 0.0)
+  np.testing.assert_array_equal(grads["q"][0, :10], 0.0)
+  np.testing.assert_array_equal(grads["k"][1], 0.0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("tq,tk,block_q,block_k", [
+    (33, 47, 8, 16),  # bottom-right causal: queries are the last 33 keys
+    (47, 33, 16, 8),  # more queries than keys: the first rows see nothing
+    (1, 40, 8, 8),  # one decode step
+    (24, 24, 8, 8),  # lengths that are whole blocks
+])
+def test_lengths_and_blocks(kernel, tq, tk, block_q, block_k):
+  q, k, v, do = inputs(B, tq, tk, HQ, HKV, D, seed=3)
+  mask_args = masking.make_mask_args(B, tq, tk, is_causal=True)
+  compare(_fast(kernel, block_q, block_k), q, k, v, do, mask_args=mask_args, return_lse=True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+def test_head_dims(kernel, head_dim):
+  q, k, v, do = inputs(1, 20, 20, 2, 1, head_dim, seed=4)
+  mask_args = masking.make_mask_args(1, 20, 20, is_causal=True)
+  compare(_fast(kernel, 8, 8), q, k, v, do, mask_args=mask_args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 2), (4, 1)])
+def test_gqa_ratios(kernel, hq, hkv):
+  q, k, v, do = inputs(B, T, T, hq, hkv, D, dv=12, seed=5)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, segment_ids=_segments(T))
+  compare(_fast(kernel), q, k, v, do, mask_args=mask_args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16(kernel):
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, dtype=jnp.bfloat16, seed=6)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True, segment_ids=_segments(T))
+  compare(_fast(kernel), q, k, v, do, mask_args=mask_args, tol=BF16_TOL)
+
+
+# ---------------------------------------------------------------------------
+# Block schedules.
+
+
+def test_schedule_lists_and_transpose():
+  block_mask = jnp.asarray(np.random.default_rng(0).random((2, 3, 5, 4)) < 0.4)
+  s = schedule.from_block_mask(block_mask)
+  for b, h, i in np.ndindex(2, 3, 5):
+    want = np.flatnonzero(block_mask[b, h, i])
+    n = int(s.counts[b, h, i])
+    assert list(np.asarray(s.indices[b, h, i, :n])) == list(want)
+    # Past the count, the last listed block repeats (no new DMA on TPU).
+    assert np.all(np.asarray(s.indices[b, h, i, n:]) == (want[-1] if n else 0))
+  for b, h, j in np.ndindex(2, 3, 4):
+    want = np.flatnonzero(block_mask[b, h, :, j])
+    assert list(np.asarray(s.t_indices[b, h, j, :int(s.t_counts[b, h, j])])) == list(want)
+
+
+@pytest.mark.parametrize("kind", sorted(MASKS))
+def test_block_mask_keeps_every_visible_tile(kind):
+  """Conservative: a tile with a visible pair is never skipped."""
+  bq, bk = 8, 16
+  m = masking.make_mask_args(B, T, T, **MASKS[kind])
+  kept = np.asarray(schedule.block_mask_from_mask(m, T, T, bq, bk, B))[:, 0]
+  vis = np.asarray(masking.visible(m, jnp.arange(T), jnp.arange(T)) if not m.is_trivial
+                   else jnp.ones((B, 1, T, T), bool))
+  vis = np.broadcast_to(vis, (B, 1, T, T))[:, 0]
+  pad = np.zeros((B, 5 * bq, 3 * bk), bool)
+  pad[:, :T, :T] = vis
+  needed = pad.reshape(B, 5, bq, 3, bk).any(axis=(2, 4))
+  assert np.all(kept[needed])
+
+
+def test_causal_schedule_skips_the_upper_triangle():
+  m = masking.make_mask_args(1, 64, 64, is_causal=True)
+  s = schedule.from_block_mask(schedule.block_mask_from_mask(m, 64, 64, 16, 16, 1))
+  np.testing.assert_array_equal(s.counts[0, 0], [1, 2, 3, 4])
+  m = masking.make_mask_args(1, 64, 64, is_causal=True, local_window_size=16)
+  s = schedule.from_block_mask(schedule.block_mask_from_mask(m, 64, 64, 16, 16, 1))
+  np.testing.assert_array_equal(s.counts[0, 0], [1, 2, 2, 2])
+
+
+# ---------------------------------------------------------------------------
+# Dispatch.
+
+
+def _call(**kw):
+  q, k, v, _ = inputs(1, 16, 16, 2, 1, 8)
+  mask_args = masking.make_mask_args(1, 16, 16, **kw.pop("mask", {}))
+  return api.describe_call(q, k, v, mask_args=mask_args, **kw)
+
+
+def test_auto_on_cpu_is_xla_and_pallas_means_interpret():
+  assert api.select_backend(_call(), "auto") is api.XLA
+  assert api.select_backend(_call(), "pallas") is pallas.PALLAS_INTERPRET
+  q, k, v, _ = inputs(B, T, T, HQ, HKV, D)
+  outs = jit(lambda q, k, v: [
+      flash_attention(q, k, v, is_causal=True, implementation=impl, block_q=8, block_k=8)
+      for impl in ("pallas", "pallas_tpu_interpret", "xla")], q, k, v)
+  assert rel_err(outs[0], outs[2]) < 1e-5 and rel_err(outs[1], outs[2]) < 1e-5
+
+
+def test_query_scale_is_per_query_temperature():
+  q, k, v, _ = inputs(B, T, T, HQ, HKV, D)
+  tau = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, (B, T, HQ)), jnp.float32)
+  got = flash_attention(q, k, v, is_causal=True, query_scale=tau, implementation="pallas",
+                        block_q=8, block_k=8)
+  want = reference.attention(q * tau[..., None], k, v,
+                             mask_args=masking.make_mask_args(B, T, T, is_causal=True))
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kw,reason", [
+    (dict(mask=dict(mask=jnp.ones((1, 1, 16, 16), bool))), "dense boolean mask"),
+    (dict(bias=jnp.zeros((16, 16))), "dense additive bias"),
+])
+def test_pallas_refuses_what_it_cannot_do_and_auto_moves_on(kw, reason):
+  call = _call(**kw)
+  for backend in (pallas.PALLAS_INTERPRET, pallas.PALLAS_TPU_INTERPRET, pallas.PALLAS_TRITON,
+                  pallas.PALLAS_TPU):
+    ok, why = backend.is_supported(call)
+    assert not ok and reason in why
+  with pytest.raises(ValueError, match=reason):
+    api.select_backend(call, "pallas")
+  assert api.select_backend(call, "auto") is api.XLA
+
+
+def test_hardware_tiling_rules():
+  gpu = dataclasses.replace(_call(), platform="gpu", num_q_heads=6, num_kv_heads=2)
+  ok, why = pallas.PALLAS_TRITON.is_supported(gpu)
+  assert not ok and "power of two" in why
+  tpu = dataclasses.replace(_call(block_q=8, block_k=64), platform="tpu")
+  ok, why = pallas.PALLAS_TPU.is_supported(tpu)
+  assert not ok and "block_k % 128" in why
+  assert pallas.PALLAS_TPU.blocks(dataclasses.replace(_call(), q_len=300, kv_len=300)) == (128, 128)
+  assert pallas.PALLAS_TRITON.blocks(dataclasses.replace(_call(), q_len=20, kv_len=20)) == (32, 32)
+
+
+def test_other_platforms_and_planned_names_are_errors():
+  q, k, v, _ = inputs(1, 8, 8, 2, 2, 8)
+  with pytest.raises(ValueError, match="registered for platform 'tpu'"):
+    flash_attention(q, k, v, implementation="pallas_tpu")
+  with pytest.raises(ValueError, match="registered for platform 'gpu'"):
+    flash_attention(q, k, v, implementation="cudnn")
+  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
+    flash_attention(q, k, v, implementation="pallas_mosaic_gpu")
+  ok, why = api.DISPATCH._find("cudnn", "gpu").is_supported(
+      dataclasses.replace(_call(logits_soft_cap=2.0), platform="gpu", q_dtype=jnp.dtype("bfloat16"),
+                          kv_dtype=jnp.dtype("bfloat16")))
+  assert not ok and "soft cap" in why
+
+
+# ---------------------------------------------------------------------------
+# On a GPU: the compiled backends.
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("kind", ["causal", "segments_causal", "combined", "window_left_right"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_compiled(kind, dtype):
+  q, k, v, do = inputs(B, T, T, HQ, HKV, 64, dtype=dtype)
+  mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
+  compare(_fast("triton", 16, 16, on_gpu=True), q, k, v, do, mask_args=mask_args,
+          tol=BF16_TOL if dtype == jnp.bfloat16 else 1e-4)
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_auto_on_gpu_runs_triton_and_cudnn_when_named():
+  q, k, v, _ = inputs(2, 256, 256, 8, 2, 128, dtype=jnp.bfloat16)
+  want = reference.attention(q, k, v, mask_args=masking.make_mask_args(2, 256, 256, is_causal=True))
+  for impl in ("auto", "pallas_triton", "cudnn"):
+    got = flash_attention(q, k, v, is_causal=True, implementation=impl)
+    assert rel_err(got, want) < BF16_TOL, impl
