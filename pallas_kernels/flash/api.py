@@ -30,7 +30,7 @@ sinks=, distance_bias=, return_lse=, block_q=, block_k=)`, added with
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, List, Optional, Protocol, Tuple
+from typing import FrozenSet, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -294,11 +294,9 @@ class PallasFlashBackend:
 
 
 def _triton_available() -> bool:
-  try:
-    from jax.experimental.pallas import triton  # noqa: F401
-  except ImportError:
-    return False
-  return True
+  """Pallas Triton is deprecated upstream from JAX 0.11; a release may drop it."""
+  import importlib.util
+  return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
 
 
 PALLAS_TPU = PallasFlashBackend("pallas_tpu", "tpu", interpret=False)

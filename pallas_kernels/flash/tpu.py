@@ -126,7 +126,7 @@ def _forward_body(spec, lists, cnt_ref, idx_ref, hp_ref, ins, o_ref, lse_ref, m_
 def forward(spec, q, k, v, head_params, tokens, counts, indices, *, block_q, block_k, interpret):
   """out [B, Hq, Tq, Dv], lse [B, Hq, Tq, 1] from padded [B, H, T, D] inputs and block lists."""
   b, hq, tq, d = q.shape
-  hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+  hkv, dv = k.shape[1], v.shape[3]
   group = hq // hkv
   lists = _Lists(indices.shape)
   n = lists.n
