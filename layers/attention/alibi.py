@@ -76,5 +76,7 @@ class ALiBi(PositionalEncoding):
       raise ValueError(f"model.attention_options.alibi_slope_scale must be >= 0, got {scale}")
     self.slopes = tuple(float(m) * scale for m in alibi_slopes(cfg.num_heads))  # static
 
-  def bias(self, q_positions, kv_positions):
-    return alibi_bias(q_positions, kv_positions, jnp.asarray(self.slopes, jnp.float32))
+  def distance_bias(self):
+    """(m_h, 1, 0): -m_h |i - j|, the same as `alibi_bias`."""
+    slopes = jnp.asarray(self.slopes, jnp.float32)
+    return jnp.stack([slopes, jnp.ones_like(slopes), jnp.zeros_like(slopes)], axis=1)

@@ -35,9 +35,10 @@ Choices (open in the abstract; recorded here):
   * Use with RoPE (the abstract leaves it open): not combined here; q, k are
     untouched.
 
-The bias is rendered dense, O(B H Tq Tk) memory, until the flash kernel
-computes f(i - j) in-kernel with parameter gradients (the Pallas-kernels
-issue); see layers/attention/positional.py.
+The layer hands the prior to the attention kernel as a distance bias
+(slope, power, center) = (α^-β, β, μ): the Pallas kernels evaluate it per
+tile and return its parameter gradients; the XLA path renders it dense,
+O(B H Tq Tk) memory (layers/attention/positional.py).
 """
 
 from __future__ import annotations
@@ -107,5 +108,7 @@ class BAM(PositionalEncoding):
     f32 = lambda p: p[...].astype(jnp.float32)
     return jnp.exp(f32(self.log_alpha)), jnp.exp(f32(self.log_beta)), f32(self.mu)
 
-  def bias(self, q_positions, kv_positions):
-    return bam_bias(q_positions, kv_positions, *self.prior())
+  def distance_bias(self):
+    """(α^-β, β, μ): -(|Δ - μ| / α)^β = -α^-β |Δ - μ|^β, the same as `bam_bias`."""
+    alpha, beta, mu = self.prior()
+    return jnp.stack([jnp.exp(-beta * jnp.log(alpha)), beta, mu], axis=1)

@@ -10,9 +10,9 @@ Multi-Head Checkpoints":
 MHA: Hkv = Hq; GQA: Hkv divides Hq; MQA: Hkv = 1. KV heads are never
 repeated in memory on the fast path. The mask M is a `Mask` (data, not a
 [T, T] array); `positional` (an NNX module, layers/attention/positional.py)
-transforms q and k by position ids first and may add a score bias B
-(ALiBi, BAM), passed to the kernel as `bias` (dense [B, Hq, Tq, Tk] until
-the flash kernel evaluates f(i - j) in-kernel).
+transforms q and k by position ids first and may add a score bias that is
+a function of i - j (ALiBi, BAM), passed to the kernel as `distance_bias`
+and evaluated per tile by the Pallas kernels.
 The core runs through `pallas_kernels.flash_attention`, whose
 `implementation="auto"` picks the best backend for the platform and ends at
 the memory-efficient XLA path; `implementation="reference"` runs the dense
@@ -38,14 +38,16 @@ from pallas_kernels.flash import reference as flash_reference
 
 def mha(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
         scale: Optional[float] = None, implementation: str = "auto",
-        bias: Optional[jax.Array] = None) -> jax.Array:
+        bias: Optional[jax.Array] = None,
+        distance_bias: Optional[jax.Array] = None) -> jax.Array:
   """The pure function of the family: q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D] -> [B,Tq,Hq,D].
 
   bias: additive logits broadcasting to [B, Hq, Tq, Tk] (after the scale), differentiable.
+  distance_bias: [Hq, 3] (slope, power, center) of -slope |i - j - center|^power.
   """
   mask = Mask.bidirectional() if mask is None else mask
   return flash_api.flash_attention(q, k, v, scale=scale, implementation=implementation,
-                                   bias=bias, **mask.kernel_args())
+                                   bias=bias, distance_bias=distance_bias, **mask.kernel_args())
 
 
 def mha_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
@@ -101,8 +103,8 @@ class MultiHeadAttention(nnx.Module):
     (for gates and routers).
     """
     q, k = self.positional(q, k, positions, positions)
-    bias = self.positional.bias(positions, positions)
-    return mha(q, k, v, mask, implementation=self.cfg.implementation, bias=bias)
+    return mha(q, k, v, mask, implementation=self.cfg.implementation,
+               distance_bias=self.positional.distance_bias())
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Score and value matmul FLOPs per token, forward + backward (PaLM's 12 Hq Dh T)."""

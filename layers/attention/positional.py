@@ -6,17 +6,15 @@ parameters of learned encodings train and are checkpointed with it), built by
 
   (a) transform q and k: `enc(q, k, q_positions, kv_positions) -> (q, k)`
       (rotations, scales, norms; identity by default);
-  (b) add a score bias: `enc.bias(q_positions, kv_positions)` -> float32
-      [B|1, Hq, Tq, Tk] or None (the default), added to the logits after the
-      1/sqrt(d) scale and before the mask; `MultiHeadAttention.core` passes it
-      to `flash_attention(bias=...)`, which differentiates through it.
-      `enc.has_bias` says statically whether an encoding makes one.
-
-Honest state of (b): the bias is rendered dense, O(B H Tq Tk) memory, although
-every bias here is a function f_h(i - j) of the position difference. It stays
-so until the flash kernel evaluates the score_mod f(i - j) in-kernel with
-parameter gradients (the Pallas-kernels issue); then `bias` becomes a
-description (function + parameters) instead of an array.
+  (b) add a score bias that is a function of the position difference,
+      described by `enc.distance_bias()` -> float32 [Hq, 3] rows (slope,
+      power, center) meaning -slope_h |i - j - center_h|^power_h, or None
+      (the default). It is added to the logits after the 1/sqrt(d) scale and
+      before the mask; `MultiHeadAttention.core` passes it to
+      `flash_attention(distance_bias=...)`, which differentiates through it.
+      The Pallas kernels evaluate it inside each tile (O(T) memory); the XLA
+      path renders it dense. `enc.has_bias` says statically whether an
+      encoding makes one.
 
 Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling),
 `nope` (no positional information: "Length Generalization of Causal
@@ -40,13 +38,13 @@ from layers.attention.rope import apply_rope
 class PositionalEncoding(nnx.Module):
   """Base: identity on (q, k), no bias. Subclasses override one or both."""
 
-  has_bias = False  # static: whether `bias` returns an array
+  has_bias = False  # static: whether `distance_bias` returns an array
 
   def __call__(self, q: jax.Array, k: jax.Array, q_positions, kv_positions):
     return q, k
 
-  def bias(self, q_positions: jax.Array, kv_positions: jax.Array) -> Optional[jax.Array]:
-    """Additive logits [B|1, Hq, Tq, Tk] (dense; see the module docstring) or None."""
+  def distance_bias(self) -> Optional[jax.Array]:
+    """[Hq, 3] (slope, power, center) of -slope |i - j - center|^power, or None."""
     return None
 
 

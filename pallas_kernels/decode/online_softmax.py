@@ -28,6 +28,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash import tile
+
 
 def visible(positions: jax.Array, rows: jax.Array, length, q_len: int, group: int) -> jax.Array:
   """Row r (step r // group) sees cache position s iff s <= length - q_len + r // group."""
@@ -43,14 +45,11 @@ def block_scores(q, k, *, scale: float, logits_soft_cap: Optional[float]) -> jax
 
 
 def step(s, v, m, l, acc):
-  """One block: s [rows, block] masked scores (f32), v [block, D]; m, l [rows, 1]; acc [rows, D]."""
-  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  alpha = jnp.exp(m - shift)
-  p = jnp.exp(s - shift)
-  l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-  acc_new = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return m_new, l_new, acc_new
+  """One block: s [rows, block] masked scores (f32), v [block, D]; m, l [rows, 1]; acc [rows, D].
+
+  The flash kernels' tile step (`pallas_kernels/flash/tile.py`), in this module's argument order.
+  """
+  return tile.online_softmax_step(m, l, acc, s, v)
 
 
 def finalize(acc: jax.Array, m: jax.Array, l: jax.Array, sinks: Optional[jax.Array] = None):

@@ -14,9 +14,9 @@ from tests.layers.attention.test_alibi import dense_attention, lm_train_step
 from tests.numerics import rel_err
 
 
-def layer(positional="bam", **options):
+def layer(positional="bam", implementation="xla", **options):
   cfg = AttentionConfig(d_model=32, num_heads=4, head_dim=8, positional=positional,
-                        implementation="xla", options=options)
+                        implementation=implementation, options=options)
   return registry.get("mha")(cfg, rngs=nnx.Rngs(0))
 
 
@@ -39,14 +39,17 @@ def test_alpha_to_infinity_is_nope():
                  f(layer("nope"), x)) < 1e-6
 
 
-def test_gradients_reach_alpha_beta_mu_and_match_reference():
-  lay = layer(bam_alpha_init=3.0, bam_beta_init=1.5, bam_mu_init=0.3)
+@pytest.mark.parametrize("implementation", ["xla", "pallas_interpret", "pallas_tpu_interpret"])
+def test_gradients_reach_alpha_beta_mu_and_match_reference(implementation):
+  """XLA renders the prior dense; the Pallas kernels evaluate it per tile (distance_bias)."""
+  lay = layer(implementation=implementation, bam_alpha_init=3.0, bam_beta_init=1.5,
+              bam_mu_init=0.3)
   x = jax.random.normal(jax.random.key(2), (2, 10, 32))
   w = jax.random.normal(jax.random.key(3), (2, 10, 4, 8))
   pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
   mask = lay.resolve_mask(x, None, None)[0]
 
-  def fast(m):  # the layer's own path: dense bias -> flash_attention(bias=...) (XLA backend)
+  def fast(m):  # the layer's own path: flash_attention(distance_bias=...)
     q, k, v = m.qkv(x)
     return jnp.sum(m.core(x, q, k, v, mask, pos) * w)
 

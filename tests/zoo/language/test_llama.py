@@ -28,6 +28,24 @@ def test_causal(positional):
   assert float(jnp.abs(a[:, 9:] - b[:, 9:]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_pallas_kernel_path_equals_xla(positional):
+  """implementation="pallas" (the interpret twin on CPU) gives the XLA path's logits and grads."""
+  toks = jax.random.randint(jax.random.key(3), (2, 24), 0, 50)
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(toks))[..., 0])
+
+  outs = []
+  for impl in ("xla", "pallas"):
+    model = tiny(positional=positional, implementation=impl)
+    outs.append(nnx.jit(lambda m: (m(toks), nnx.grad(loss)(m)))(model))
+  (logits, grads), (p_logits, p_grads) = outs
+  assert rel_err(p_logits, logits) < 1e-5
+  for g, pg in zip(jax.tree.leaves(grads), jax.tree.leaves(p_grads)):
+    assert rel_err(pg, g) < 1e-4
+
+
 def test_packed_equals_separate_documents():
   model = tiny()
   d1 = jax.random.randint(jax.random.key(1), (1, 7), 0, 50)
