@@ -120,8 +120,9 @@ def _dq_body(spec, block_q, block_k, ins, dq_ref, *dparam_refs):
 
   dq, dparams = lax.fori_loop(0, row[0], step, (dq, dparams))
   dq_ref[...] = dq.astype(dq_ref.dtype)
-  if dparam_refs:
-    dparam_refs[0][...] = jnp.concatenate(dparams + (jnp.zeros_like(dparams[0]),), axis=1)
+  # One output row per parameter: Triton concatenates only pairs of tensors.
+  for ref, rows in zip(dparam_refs, dparams):
+    ref[...] = rows[:, 0]
 
 
 def _dkdv_body(spec, block_q, block_k, group, ins, dk_ref, dv_ref):
@@ -208,7 +209,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k, inte
 
 def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta, *, block_q,
              block_k, interpret, num_warps=4, num_stages=2):
-  """(dq, dk, dv, dparam_rows [B, Hq, Tq, 4] or None) from padded inputs.
+  """(dq, dk, dv, dparam_rows [B, Hq, Tq, 3] or None) from padded inputs.
 
   lse must be +inf on empty rows; delta = rowsum(dO * O) - dlse.
   """
@@ -240,16 +241,16 @@ def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta,
   out_specs = [q_blk]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if spec.has_distance_bias:
-    out_specs.append(pl.BlockSpec((None, None, block_q, tile.NUM_HEAD_PARAMS),
-                                  lambda bi, h, i: (bi, h, i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b, hq, tq, tile.NUM_HEAD_PARAMS), jnp.float32))
+    for _ in range(3):  # d slope, d power, d center, per query row
+      out_specs.append(pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i)))
+      out_shape.append(jax.ShapeDtypeStruct((b, hq, tq), jnp.float32))
   dq_out = pl.pallas_call(
       _named(names + t_names, functools.partial(_dq_body, spec, block_q, block_k)),
       grid=(b, hq, nq), in_specs=specs + t_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=cp, interpret=interpret, name="flash_backward_dq",
   )(*arrays, *t_arrays)
   dq = dq_out[0]
-  dparam_rows = dq_out[1] if spec.has_distance_bias else None
+  dparam_rows = jnp.stack(dq_out[1:], axis=-1) if spec.has_distance_bias else None
 
   names = ["q", "k", "v", "head_params", "t_lists", "do", "lse", "delta"]
   arrays = [q, k, v, head_params, t_lists, do, lse, delta]

@@ -247,6 +247,61 @@ def test_other_platforms_and_planned_names_are_errors():
 
 
 # ---------------------------------------------------------------------------
+# The hardware backends, lowered without the hardware: the Triton lowering (to
+# TTIR) and the Mosaic TPU lowering accept every kernel, forward and backward,
+# with every modification at once, at the tile sizes the backends choose.
+
+
+def _chip_info_for_tpu_lowering(monkeypatch):
+  try:
+    from jax._src.pallas.mosaic import tpu_info
+    info = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"this JAX's Mosaic has no chip info to lower against: {e}")
+  monkeypatch.setattr(tpu_info, "get_tpu_info", lambda: info)
+
+
+@pytest.mark.parametrize("backend,platform,head_dim,dtype", [
+    (pallas.PALLAS_TRITON, "cuda", 64, jnp.bfloat16),
+    (pallas.PALLAS_TRITON, "cuda", 192, jnp.float32),  # padded to 256
+    (pallas.PALLAS_TPU, "tpu", 128, jnp.bfloat16),
+    (pallas.PALLAS_TPU, "tpu", 64, jnp.float32),  # padded to 128
+])
+def test_hardware_backends_lower(monkeypatch, backend, platform, head_dim, dtype):
+  if backend is pallas.PALLAS_TRITON and not pallas._triton_available():
+    pytest.skip("this JAX has no Pallas Triton backend")
+  if platform == "tpu":
+    _chip_info_for_tpu_lowering(monkeypatch)
+  b, t, hq, hkv = 2, 300, 4, 2
+  shapes = dict(q=(b, t, hq, head_dim), k=(b, t, hkv, head_dim), v=(b, t, hkv, head_dim))
+  args = [jax.ShapeDtypeStruct(shapes[n], dtype) for n in ("q", "k", "v")] + [
+      jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((hq,), jnp.float32),
+      jax.ShapeDtypeStruct((hq, 3), jnp.float32)]
+
+  def grads(q, k, v, seg, sinks, distance_bias):
+    mask_args = masking.make_mask_args(b, t, t, is_causal=True, local_window_size=100,
+                                       segment_ids=seg, prefix_lengths=jnp.array([3, 5]),
+                                       kv_lengths=jnp.array([t, 250]))
+    kw = dict(logits_soft_cap=30.0, sinks=sinks, distance_bias=distance_bias, return_lse=True)
+    call = dataclasses.replace(api.describe_call(q, k, v, mask_args=mask_args, **kw),
+                               platform="gpu" if platform == "cuda" else platform)
+    ok, why = backend.is_supported(call)
+    assert ok, why
+
+    def loss(q, k, v, sinks, distance_bias):
+      out, lse = backend(q, k, v, call=call, mask_args=mask_args, bias=None, scale=None,
+                         block_q=None, block_k=None,
+                         **dict(kw, sinks=sinks, distance_bias=distance_bias))
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, sinks, distance_bias)
+
+  text = jax.jit(grads).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  kernels = text.count("tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton")
+  assert kernels == 3, kernels  # forward, dQ, dK/dV
+
+
+# ---------------------------------------------------------------------------
 # On a GPU: the compiled backends.
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
