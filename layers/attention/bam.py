@@ -36,9 +36,9 @@ Choices (open in the abstract; recorded here):
     untouched.
 
 The layer hands the prior to the attention kernel as a distance bias
-(slope, power, center) = (α^-β, β, μ): the Pallas kernels evaluate it per
-tile and return its parameter gradients; the XLA path renders it dense,
-O(B H Tq Tk) memory (layers/attention/positional.py).
+(slope, power, center) = (α^-β, β, μ): the Pallas kernels and the XLA path
+evaluate it per tile and return its parameter gradients, so memory stays
+O(T) (layers/attention/positional.py).
 """
 
 from __future__ import annotations

@@ -93,11 +93,7 @@ class Backend(Protocol):
 
 
 class XlaBackend:
-  """The memory-efficient path in plain XLA (`xla.py`); supports every call on every platform.
-
-  A distance bias is rendered dense here (O(B Hq Tq Tk) memory); the Pallas
-  kernels compute it per tile.
-  """
+  """The memory-efficient path in plain XLA (`xla.py`); supports every call on every platform."""
 
   name = "xla"
 
@@ -106,13 +102,9 @@ class XlaBackend:
 
   def __call__(self, q, k, v, *, call, mask_args, bias, scale, logits_soft_cap, sinks,
                distance_bias, return_lse, block_q, block_k):
-    if distance_bias is not None:
-      b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
-      dense = reference.distance_bias_dense(
-          distance_bias, *reference.positions(mask_args, b, tq, tk))
-      bias = dense if bias is None else reference.check_bias(bias, q, k).astype(jnp.float32) + dense
     return xla.attention(q, k, v, mask_args=mask_args, bias=bias, scale=scale,
-                         logits_soft_cap=logits_soft_cap, sinks=sinks, return_lse=return_lse,
+                         logits_soft_cap=logits_soft_cap, sinks=sinks,
+                         distance_bias=distance_bias, return_lse=return_lse,
                          block_q=block_q, block_k=block_k)
 
 

@@ -12,8 +12,8 @@ For query head h, which reads kv head g(h) = floor(h * Hkv / Hq):
 
 The distance bias is an additive bias that depends only on the distance of
 positions (ALiBi: p = 1, c = 0; BAM's generalised Gaussian prior: slope =
-α^-β, p = β, c = μ); `distance_bias[h] = (slope, power, center)`. The Pallas
-kernels compute it inside each tile; here it is rendered dense.
+α^-β, p = β, c = μ); `distance_bias[h] = (slope, power, center)`. The fast
+paths compute it inside each tile; here it is rendered dense.
 The soft cap comes before the bias so that an additive -inf bias stays a mask
 (tanh would turn it into -cap). A sink is a learned logit that joins every
 row's softmax denominator but carries no value, so a row may give weight to

@@ -111,6 +111,7 @@ def attention(
     scale: Optional[float] = None,
     logits_soft_cap: Optional[float] = None,
     sinks: Optional[jax.Array] = None,
+    distance_bias: Optional[jax.Array] = None,
     return_lse: bool = False,
     block_q: Optional[int] = None,
     block_k: Optional[int] = None,
@@ -121,8 +122,10 @@ def attention(
 
   q: [B, Tq, Hq, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv]; Hq % Hkv == 0.
   bias broadcasts against [B, Hq, Tq, Tk] (its head axis is 1 or Hq);
-  sinks: [Hq]. Returns out [B, Tq, Hq, Dv] in q.dtype, and with `return_lse`
-  also lse [B, Hq, Tq] float32. Differentiable in q, k, v, bias and sinks.
+  sinks: [Hq]; distance_bias: [Hq, 3] (slope, power, center), evaluated per
+  tile from the positions (never rendered dense). Returns out [B, Tq, Hq, Dv]
+  in q.dtype, and with `return_lse` also lse [B, Hq, Tq] float32.
+  Differentiable in q, k, v, bias, sinks and distance_bias.
 
   block_q / block_k: query / key rows per tile (default `default_block`).
   block_b / block_h: batch elements / kv heads per tile (default
@@ -144,6 +147,13 @@ def attention(
     bias = reference.check_bias(bias, q, k)
   if mask_args is not None and mask_args.is_trivial:
     mask_args = None
+  if distance_bias is not None:
+    reference.check_distance_bias(distance_bias, q)
+    if mask_args is None or mask_args.q_positions is None:
+      # Positions alone restrict nothing (masking.visible applies no rule to them).
+      q_pos, kv_pos = reference.positions(mask_args, b, tq, tk)
+      mask_args = dataclasses.replace(mask_args or masking.MaskArgs(), q_positions=q_pos,
+                                      kv_positions=kv_pos)
   block_q = max(min(block_q, tq), 1) if block_q else default_block(tq)
   block_k = max(min(block_k, tk), 1) if block_k else default_block(tk)
   auto_b, auto_h = default_slab(b, hkv, hq // hkv, block_q, block_k, jax.default_backend())
@@ -164,7 +174,7 @@ def attention(
     if sinks is not None:
       lse = jnp.broadcast_to(sinks.astype(_F32)[None, :, None], (b, hq, tq))
     return (out, lse) if return_lse else out
-  out, lse = _flash(cfg, q, k, v, bias, sinks, mask_args)
+  out, lse = _flash(cfg, q, k, v, bias, sinks, distance_bias, mask_args)
   if return_lse:
     return out, lse.reshape(b, hq, -1)[:, :, :tq]
   return out
@@ -184,6 +194,24 @@ def _grouped_bias(bias4, hkv, cfg):
   if tkb > 1:
     x = _pad_axis(x, 4, cfg.tk_padded)
   return x
+
+
+def _distance_tile(dist, mask_args, q_idx, k_idx):
+  """The distance bias of one tile, [Bs, Hs, G, bq, bk] f32, from params dist [Hs, G, 3]."""
+  hs, g = dist.shape[:2]
+  take = lambda x, idx: jnp.take(x, jnp.clip(idx, 0, x.shape[1] - 1), axis=1)  # noqa: E731
+  qp, kp = take(mask_args.q_positions, q_idx), take(mask_args.kv_positions, k_idx)
+  tile = reference.distance_bias_dense(dist.reshape(hs * g, 3), qp, kp)
+  return tile.reshape(tile.shape[0], hs, g, *tile.shape[2:])
+
+
+def _tile_bias(bias, dist, mask_args, i, j, bq, bk):
+  """The additive bias of tile (i, j): the dense bias's block plus the distance bias, or None."""
+  bias_t = None if bias is None else _block(_block(bias, 3, i * bq, bq), 4, j * bk, bk)
+  if dist is None:
+    return bias_t
+  dist_t = _distance_tile(dist, mask_args, i * bq + jnp.arange(bq), j * bk + jnp.arange(bk))
+  return dist_t if bias_t is None else bias_t.astype(_F32) + dist_t
 
 
 def _pad_axis(x, axis, size):
@@ -393,9 +421,9 @@ class _Slab:
     """[B|1, Hkv|1, G|1, Tq|1, Tk|1] -> this slab's part."""
     return None if bias_g is None else self._rows_heads(bias_g, 1, 1)
 
-  def of_sinks(self, sinks_g):
-    """[Hkv, G] -> [Hs, G]."""
-    return None if sinks_g is None else _block(sinks_g, 0, self.h0, self.cfg.block_h)
+  def of_heads(self, x):
+    """Per-head values [Hkv, G, ...] (sinks, distance-bias params) -> [Hs, G, ...]."""
+    return None if x is None else _block(x, 0, self.h0, self.cfg.block_h)
 
   def of_mask(self, m):
     if m is None:
@@ -428,7 +456,7 @@ def _for_each_slab(cfg, batch, kv_heads, group, body, carry):
 # The loops over blocks, within one slab.
 
 
-def _forward_slab(cfg, q, k, v, bias, sinks, mask_args):
+def _forward_slab(cfg, q, k, v, bias, sinks, dist, mask_args):
   """One slab: q [Bs, Hs, G, Tq_p, D], k/v [Bs, Hs, Tk_p, D|Dv] -> out (q.dtype), lse (f32)."""
   bs, hs, g = q.shape[:3]
   dv = v.shape[-1]
@@ -447,7 +475,7 @@ def _forward_slab(cfg, q, k, v, bias, sinks, mask_args):
 
     def k_step(j, carry):
       vis = _tile_visibility(mask_args, q_idx, j * bk + jnp.arange(bk), cfg, hs, g)
-      bias_t = None if bias is None else _block(_block(bias, 3, i * bq, bq), 4, j * bk, bk)
+      bias_t = _tile_bias(bias, dist, mask_args, i, j, bq, bk)
 
       def update(c):
         s, _ = _scores(cfg, q_t, _block(k, 2, j * bk, bk), bias_t, vis)
@@ -469,74 +497,90 @@ def _forward_slab(cfg, q, k, v, bias, sinks, mask_args):
   return out, jnp.moveaxis(lse, 0, 3).reshape(bs, hs, g, cfg.tq_padded)
 
 
-def _backward_slab(cfg, q, k, v, do, lse, delta, bias, mask_args):
-  """One slab's (dq, dk, dv, dbias), f32, in the slab layout; lse is finite (see _backward)."""
+def _backward_slab(cfg, q, k, v, do, lse, delta, bias, dist, mask_args):
+  """One slab's (dq, dk, dv, dbias, ddist), f32, in the slab layout; lse is finite (see _backward).
+
+  The distance bias's parameter gradient is the VJP of one tile's bias with dS.
+  """
   bs, hs, g = q.shape[:3]
   bq, bk = cfg.block_q, cfg.block_k
   nq, nk = cfg.tq_padded // bq, cfg.tk_padded // bk
 
-  def k_block(j, dq, dbias):
+  def k_block(j, dq, dbias, ddist):
     k_t, v_t = _block(k, 2, j * bk, bk), _block(v, 2, j * bk, bk)
     k_idx = j * bk + jnp.arange(bk)
 
     def q_step(i, carry):
-      dk, dv, dq, dbias = carry
-      vis = _tile_visibility(mask_args, i * bq + jnp.arange(bq), k_idx, cfg, hs, g)
-      bias_t = None if bias is None else _block(_block(bias, 3, i * bq, bq), 4, j * bk, bk)
+      dk, dv, dq, dbias, ddist = carry
+      q_idx = i * bq + jnp.arange(bq)
+      vis = _tile_visibility(mask_args, q_idx, k_idx, cfg, hs, g)
+      bias_t = _tile_bias(bias, dist, mask_args, i, j, bq, bk)
       q_t, do_t = _block(q, 3, i * bq, bq), _block(do, 3, i * bq, bq)
       lse_t, delta_t = _block(lse, 3, i * bq, bq), _block(delta, 3, i * bq, bq)
+      dense_shape = None if bias is None else _block(_block(bias, 3, 0, bq), 4, 0, bk).shape
 
       def grads():
         dq_t, dk_t, dv_t, ds = _tile_grads(cfg, q_t, k_t, v_t, do_t, lse_t, delta_t, bias_t, vis)
-        return dq_t, dk_t, dv_t, (None if bias_t is None else _reduce_to(ds, bias_t.shape))
+        db_t = None if bias is None else _reduce_to(ds, dense_shape)
+        dd_t = None
+        if dist is not None:
+          _, vjp = jax.vjp(lambda d: _distance_tile(d, mask_args, q_idx, k_idx), dist)
+          (dd_t,) = vjp(ds)
+        return dq_t, dk_t, dv_t, db_t, dd_t
 
       def zeros():
-        return (jnp.zeros(dq.shape[:3] + (g, bq), _F32), jnp.zeros(k_t.shape, _F32), jnp.zeros(v_t.shape, _F32),
-                None if bias_t is None else jnp.zeros(bias_t.shape, _F32))
+        return (jnp.zeros(dq.shape[:3] + (g, bq), _F32), jnp.zeros(k_t.shape, _F32),
+                jnp.zeros(v_t.shape, _F32),
+                None if bias is None else jnp.zeros(dense_shape, _F32),
+                None if dist is None else jnp.zeros(dist.shape, _F32))
 
       # Only tile-sized values cross the conditional; the accumulators are
       # updated outside it so that XLA never copies them per tile.
-      dq_t, dk_t, dv_t, db_t = _skip_if_invisible(vis, nq == nk == 1, grads, zeros)
+      dq_t, dk_t, dv_t, db_t, dd_t = _skip_if_invisible(vis, nq == nk == 1, grads, zeros)
       dq = _accumulate(dq, dq_t, {4: i * bq})
       if dbias is not None:
         dbias = _accumulate(dbias, db_t, {3: i * bq, 4: j * bk})
-      return dk + dk_t, dv + dv_t, dq, dbias
+      if ddist is not None:
+        ddist = ddist + dd_t
+      return dk + dk_t, dv + dv_t, dq, dbias, ddist
 
-    carry = (jnp.zeros(k_t.shape, _F32), jnp.zeros(v_t.shape, _F32), dq, dbias)
+    carry = (jnp.zeros(k_t.shape, _F32), jnp.zeros(v_t.shape, _F32), dq, dbias, ddist)
     return q_step(0, carry) if nq == 1 else lax.fori_loop(0, nq, q_step, carry)
 
   dq0 = jnp.zeros((bs, hs, q.shape[-1], g, cfg.tq_padded), _F32)  # dQ^T, see _tile_grads
   dbias0 = None if bias is None else jnp.zeros(bias.shape, _F32)
+  ddist0 = None if dist is None else jnp.zeros(dist.shape, _F32)
   if nk == 1:
-    dk, dv, dq, dbias = k_block(0, dq0, dbias0)
-    return jnp.moveaxis(dq, 2, -1), dk, dv, dbias
+    dk, dv, dq, dbias, ddist = k_block(0, dq0, dbias0, ddist0)
+    return jnp.moveaxis(dq, 2, -1), dk, dv, dbias, ddist
 
   def scan_step(carry, j):
-    dk, dv, dq, dbias = k_block(j, *carry)
-    return (dq, dbias), (dk, dv)
+    dk, dv, dq, dbias, ddist = k_block(j, *carry)
+    return (dq, dbias, ddist), (dk, dv)
 
-  (dq, dbias), (dk, dv) = lax.scan(scan_step, (dq0, dbias0), jnp.arange(nk))
+  (dq, dbias, ddist), (dk, dv) = lax.scan(scan_step, (dq0, dbias0, ddist0), jnp.arange(nk))
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(bs, hs, cfg.tk_padded, x.shape[-1])
-  return jnp.moveaxis(dq, 2, -1), unblock(dk), unblock(dv), dbias
+  return jnp.moveaxis(dq, 2, -1), unblock(dk), unblock(dv), dbias, ddist
 
 
 # ---------------------------------------------------------------------------
 # The whole call: layouts, slabs, and the pieces outside the loops.
 
 
-def _forward(cfg, q, k, v, bias, sinks, mask_args):
+def _forward(cfg, q, k, v, bias, sinks, dist, mask_args):
   """Returns out [B, Tq, Hq, Dv] (q.dtype) and lse [B, Hkv, G, Tq_padded] f32 (-inf: empty row)."""
   b, tq, hq, _ = q.shape
   hkv, dv = v.shape[2], v.shape[3]
   g = hq // hkv
   bias_g = None if bias is None else _grouped_bias(bias, hkv, cfg)
   sinks_g = None if sinks is None else sinks.astype(_F32).reshape(hkv, g)
+  dist_g = None if dist is None else dist.astype(_F32).reshape(hkv, g, 3)
 
   def slab_forward(slab, carry):
     out, lse = carry
     out_s, lse_s = _forward_slab(cfg, slab.queries(q), slab.keys(k), slab.keys(v),
-                                 slab.of_bias(bias_g), slab.of_sinks(sinks_g),
-                                 slab.of_mask(mask_args))
+                                 slab.of_bias(bias_g), slab.of_heads(sinks_g),
+                                 slab.of_heads(dist_g), slab.of_mask(mask_args))
     return slab.put_queries(out, out_s), slab.put_rows(lse, lse_s)
 
   carry = (jnp.zeros((b, tq, hq, dv), q.dtype), jnp.zeros((b, hkv, g, cfg.tq_padded), _F32))
@@ -544,8 +588,8 @@ def _forward(cfg, q, k, v, bias, sinks, mask_args):
 
 
 def _backward(cfg, res, cotangents):
-  """Cotangents of (q, k, v, bias, sinks, mask_args) from those of (out, lse)."""
-  q, k, v, bias, sinks, mask_args, out, lse = res
+  """Cotangents of (q, k, v, bias, sinks, dist, mask_args) from those of (out, lse)."""
+  q, k, v, bias, sinks, dist, mask_args, out, lse = res
   d_out, d_lse = cotangents
   b, _, hq, _ = q.shape
   hkv = v.shape[2]
@@ -558,19 +602,26 @@ def _backward(cfg, res, cotangents):
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   bias_g = None if bias is None else _grouped_bias(bias, hkv, cfg)
 
+  dist_g = None if dist is None else dist.astype(_F32).reshape(hkv, g, 3)
+
   def slab_backward(slab, carry):
-    dq, dk, dv, dbias = carry
+    dq, dk, dv, dbias, ddist = carry
     # Padded query rows get dO = 0 and therefore contribute nothing to dK, dV.
-    dq_s, dk_s, dv_s, dbias_s = _backward_slab(
+    dq_s, dk_s, dv_s, dbias_s, ddist_s = _backward_slab(
         cfg, slab.queries(q), slab.keys(k), slab.keys(v), slab.queries(d_out),
-        slab.rows(lse_safe), slab.rows(delta), slab.of_bias(bias_g), slab.of_mask(mask_args))
+        slab.rows(lse_safe), slab.rows(delta), slab.of_bias(bias_g), slab.of_heads(dist_g),
+        slab.of_mask(mask_args))
     if dbias is not None:
       dbias = _accumulate(dbias, dbias_s, {0: slab.b0, 1: slab.h0})
-    return (slab.put_queries(dq, dq_s), slab.put_keys(dk, dk_s), slab.put_keys(dv, dv_s), dbias)
+    if ddist is not None:
+      ddist = _accumulate(ddist, ddist_s, {0: slab.h0})
+    return (slab.put_queries(dq, dq_s), slab.put_keys(dk, dk_s), slab.put_keys(dv, dv_s), dbias,
+            ddist)
 
   carry = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v),
-           None if bias_g is None else jnp.zeros(bias_g.shape, _F32))
-  dq, dk, dv, dbias = _for_each_slab(cfg, b, hkv, g, slab_backward, carry)
+           None if bias_g is None else jnp.zeros(bias_g.shape, _F32),
+           None if dist_g is None else jnp.zeros(dist_g.shape, _F32))
+  dq, dk, dv, dbias, ddist = _for_each_slab(cfg, b, hkv, g, slab_backward, carry)
   dbias_out = None
   if bias is not None:
     dbias_out = dbias[..., :bias.shape[2], :bias.shape[3]].reshape(bias.shape).astype(bias.dtype)
@@ -578,7 +629,8 @@ def _backward(cfg, res, cotangents):
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(_F32).reshape(1, hkv, g, 1) - lse)
     dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(hq).astype(sinks.dtype)
-  return dq, dk, dv, dbias_out, dsinks, None
+  ddist_out = None if dist is None else ddist.reshape(hq, 3).astype(dist.dtype)
+  return dq, dk, dv, dbias_out, dsinks, ddist_out, None
 
 
 def _accumulate(acc, x, starts):
@@ -595,15 +647,15 @@ def _accumulate(acc, x, starts):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, bias, sinks, mask_args):
+def _flash(cfg, q, k, v, bias, sinks, dist, mask_args):
   """(out, lse): the forward pass; gradients by `_backward`."""
-  return _forward(cfg, q, k, v, bias, sinks, mask_args)
+  return _forward(cfg, q, k, v, bias, sinks, dist, mask_args)
 
 
-def _flash_fwd(cfg, q, k, v, bias, sinks, mask_args):
-  out, lse = _forward(cfg, q, k, v, bias, sinks, mask_args)
+def _flash_fwd(cfg, q, k, v, bias, sinks, dist, mask_args):
+  out, lse = _forward(cfg, q, k, v, bias, sinks, dist, mask_args)
   # Only O(T) residuals: the inputs, the output and the log-sum-exp.
-  return (out, lse), (q, k, v, bias, sinks, mask_args, out, lse)
+  return (out, lse), (q, k, v, bias, sinks, dist, mask_args, out, lse)
 
 
 _flash.defvjp(_flash_fwd, _backward)

@@ -21,14 +21,14 @@ from tests.pallas_kernels.flash.parity import (BF16_TOL, F32_TOL, compare, input
 from tests.numerics import rel_err as _rel_err
 
 
-def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, logits_soft_cap=None,
-             return_lse=False, tol=F32_TOL, **blocks):
+def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, distance_bias=None,
+             logits_soft_cap=None, return_lse=False, tol=F32_TOL, **blocks):
   """parity.compare for the XLA path with the given block/slab sizes."""
-  def fast(q, k, v, *, distance_bias, **kw):
-    assert distance_bias is None
+  def fast(q, k, v, **kw):
     return xla.attention(q, k, v, **kw, **blocks)
   return compare(fast, q, k, v, do, mask_args=mask_args, bias=bias, sinks=sinks,
-                 logits_soft_cap=logits_soft_cap, return_lse=return_lse, tol=tol)
+                 distance_bias=distance_bias, logits_soft_cap=logits_soft_cap,
+                 return_lse=return_lse, tol=tol)
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +183,20 @@ def test_bias_and_its_gradient(bias_shape):
   mask_args = masking.make_mask_args(B, T, T, is_causal=True)
   _compare(q, k, v, do, mask_args=mask_args, bias=bias, block_q=16, block_k=16, block_b=1,
            block_h=1)
+
+
+@pytest.mark.parametrize("mask,slab", [
+    (dict(is_causal=True), "per_head"), (dict(), "whole"),
+    (dict(is_causal=True, segment_ids=_segments(T)), "whole")])
+def test_distance_bias_per_tile_and_its_gradient(mask, slab):
+  """ALiBi/BAM-style -slope |i - j - c|^p, evaluated per tile with parameter gradients."""
+  q, k, v, do = _inputs(B, T, T, HQ, HKV, D, seed=13)
+  distance_bias = jnp.array([[0.25, 1.0, 0.0], [0.1, 1.5, 3.0], [0.5, 0.7, -2.0], [0.05, 2.0, 1.0]])
+  blocks = dict(block_b=1, block_h=1) if slab == "per_head" else dict(block_b=B, block_h=HKV)
+  mask_args = masking.make_mask_args(B, T, T, **mask) if mask else None
+  (_, grads), _ = _compare(q, k, v, do, mask_args=mask_args, distance_bias=distance_bias,
+                           block_q=16, block_k=16, **blocks)
+  assert np.all(grads["distance_bias"] != 0)
 
 
 def test_everything_at_once():
