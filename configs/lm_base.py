@@ -38,7 +38,7 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.norm = "rmsnorm"  # rmsnorm | layernorm
   m.norm_eps = 1e-6
   m.attention = "mha"  # a family id, or a comma-separated per-layer pattern
-  m.positional = "rope"  # rope | nope | alibi | bam | nope_hybrid
+  m.positional = "rope"  # rope | nope | alibi | bam | nope_hybrid | cope | rope_imag
   m.rope_base = 10_000.0
   m.rope_scaling = 1.0  # context-extension factor
   m.rope_scaling_type = "linear"  # linear | ntk | yarn | llama3

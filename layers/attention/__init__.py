@@ -6,7 +6,8 @@ Importing this package registers every family.
 
 # Importing a family module registers its id.
 from layers.attention import (  # noqa: F401
-    entmax, gated, mha, moh, multi_token, segment_mask, selective, sinks, sqa, tempscale)
+    entmax, gated, gaussian_adaptive, mha, moh, multi_token, neural, relational, segment_mask,
+    selective, sinks, sqa, tempscale)
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.registry import get, names, register

@@ -12,7 +12,11 @@ repeated in memory on the fast path. The mask M is a `Mask` (data, not a
 [T, T] array); `positional` (an NNX module, layers/attention/positional.py)
 transforms q and k by position ids first and may add a score bias that is
 a function of i - j (ALiBi, BAM), passed to the kernel as `distance_bias`
-and evaluated per tile by the Pallas kernels.
+and evaluated per tile by the Pallas kernels. An encoding that owns the
+whole score computation (`owns_attention`, CoPE) runs in place of the
+kernel call, and one that widens the heads (`heads_per_query`, RoPE++)
+gets an out projection over that many heads per query head
+(layers/attention/positional.py, (c) and (d)).
 The core runs through `pallas_kernels.flash_attention`, whose
 `implementation="auto"` picks the best backend for the platform and ends at
 the memory-efficient XLA path; `implementation="reference"` runs the dense
@@ -30,7 +34,7 @@ from flax import nnx
 from layers.attention import registry
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
-from layers.attention.positional import make_positional
+from layers.attention.positional import POSITIONAL, make_positional
 from layers.attention.projection import OutProjection, QKVProjection
 from pallas_kernels.flash import api as flash_api
 from pallas_kernels.flash import reference as flash_reference
@@ -67,16 +71,25 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, rngs=rngs)
-    self.out = OutProjection(cfg, rngs=rngs)
+    widen = getattr(POSITIONAL.get(cfg.positional), "heads_per_query", 1)  # static, by class
+    self.out = OutProjection(cfg, num_heads=cfg.num_heads * widen, rngs=rngs)
     self.positional = make_positional(cfg, rngs=rngs)
     cls = type(self)
+    own_core = (cls.core is not MultiHeadAttention.core
+                or cls.__call__ is not MultiHeadAttention.__call__)
+    family = getattr(cls, "family_id", cls.__name__)
     if (self.positional.has_bias and not getattr(cls, "applies_positional_bias", False)
-        and (cls.core is not MultiHeadAttention.core
-             or cls.__call__ is not MultiHeadAttention.__call__)):
+        and own_core):
       raise ValueError(
-          f"attention={getattr(cls, 'family_id', cls.__name__)!r} does not apply the score bias "
+          f"attention={family!r} does not apply the score bias "
           f"of positional={cfg.positional!r} (model.positional) yet; use a family that does "
           "(e.g. 'mha') or a positional encoding without a bias")
+    if own_core and (self.positional.owns_attention or self.positional.heads_per_query != 1):
+      what = ("computes the attention itself" if self.positional.owns_attention
+              else "adds attention heads")
+      raise ValueError(
+          f"attention={family!r} has its own attention core, which does not run "
+          f"positional={cfg.positional!r} (model.positional; it {what}); use attention='mha'")
 
   def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
@@ -103,9 +116,12 @@ class MultiHeadAttention(nnx.Module):
     (for gates and routers).
     """
     q, k = self.positional(q, k, positions, positions)
+    if self.positional.owns_attention:
+      return self.positional.attention(q, k, v, mask, implementation=self.cfg.implementation)
     return mha(q, k, v, mask, implementation=self.cfg.implementation,
                distance_bias=self.positional.distance_bias())
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Score and value matmul FLOPs per token, forward + backward (PaLM's 12 Hq Dh T)."""
-    return 12.0 * self.cfg.num_heads * self.cfg.head_dim * seq_len
+    heads = self.cfg.num_heads * self.positional.heads_per_query
+    return 12.0 * heads * self.cfg.head_dim * seq_len

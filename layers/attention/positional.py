@@ -12,15 +12,31 @@ parameters of learned encodings train and are checkpointed with it), built by
       (the default). It is added to the logits after the 1/sqrt(d) scale and
       before the mask; `MultiHeadAttention.core` passes it to
       `flash_attention(distance_bias=...)`, which differentiates through it.
-      The Pallas kernels evaluate it inside each tile (O(T) memory); the XLA
-      path renders it dense. `enc.has_bias` says statically whether an
-      encoding makes one.
+      Every fast path (the Pallas kernels and the XLA path) evaluates it
+      inside each tile, O(T) memory, with parameter gradients. `enc.has_bias`
+      says statically whether an encoding makes one.
+  (c) own the whole score computation, for encodings whose logit term needs
+      q and k jointly and so is neither a (q, k) transform nor a function of
+      i - j (CoPE: gates sigmoid(q_i . k_j), positions from a reverse cumsum
+      over keys): `enc.owns_attention` (static, default False) is True and
+      `enc.attention(q, k, v, mask, implementation=...) -> out [B, Tq, Hq, D]`
+      replaces the flash kernel call in `MultiHeadAttention.core` (after (a)).
+      The encoding then owns its reference and fast paths.
+  (d) widen the heads: `enc.heads_per_query = m` (static, default 1) means
+      (a) returns q with m * Hq heads, the m heads made from query head h
+      adjacent (h*m .. h*m + m - 1, so they share h's KV head under GQA);
+      `MultiHeadAttention` then builds its out projection over m * Hq heads
+      (RoPE++, layers/attention/rope_imag.py).
+Families that override `MultiHeadAttention.core` (or `__call__`) refuse
+encodings with (b) unless they declare `applies_positional_bias`, and always
+refuse (c) and (d), which only the `mha` core runs.
 
 Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling),
 `nope` (no positional information: "Length Generalization of Causal
 Transformers without Position Encoding" shows causal masks alone let a model
 infer order), `alibi` (layers/attention/alibi.py), `bam`
-(layers/attention/bam.py) and `nope_hybrid` (layers/attention/nope_hybrid.py).
+(layers/attention/bam.py), `nope_hybrid` (layers/attention/nope_hybrid.py),
+`cope` (layers/attention/cope.py) and `rope_imag` (layers/attention/rope_imag.py).
 """
 
 from __future__ import annotations
@@ -36,9 +52,11 @@ from layers.attention.rope import apply_rope
 
 
 class PositionalEncoding(nnx.Module):
-  """Base: identity on (q, k), no bias. Subclasses override one or both."""
+  """Base: identity on (q, k), no bias, the kernel's attention. Subclasses override (a)-(d)."""
 
   has_bias = False  # static: whether `distance_bias` returns an array
+  owns_attention = False  # static: whether `attention` replaces the kernel call
+  heads_per_query = 1  # static: attention heads made from each projected query head
 
   def __call__(self, q: jax.Array, k: jax.Array, q_positions, kv_positions):
     return q, k
@@ -46,6 +64,11 @@ class PositionalEncoding(nnx.Module):
   def distance_bias(self) -> Optional[jax.Array]:
     """[Hq, 3] (slope, power, center) of -slope |i - j - center|^power, or None."""
     return None
+
+  def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask, *,
+                implementation: str = "auto") -> jax.Array:
+    """Per-head outputs [B, Tq, Hq, D] when `owns_attention`; q, k already through (a)."""
+    raise NotImplementedError(f"{type(self).__name__} does not own the attention computation")
 
 
 class RoPE(PositionalEncoding):
@@ -84,4 +107,4 @@ def make_positional(cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None) ->
 
 
 # The modules below register themselves with `register_positional`.
-from layers.attention import alibi, bam, nope_hybrid  # noqa: E402,F401
+from layers.attention import alibi, bam, cope, nope_hybrid, rope_imag  # noqa: E402,F401

@@ -30,9 +30,12 @@ class QKVProjection(nnx.Module):
 
 
 class OutProjection(nnx.Module):
+  """[B, T, H, D] -> [B, T, d_model]; H = cfg.num_heads unless `num_heads` is given (an
+  encoding that widens the heads, layers/attention/positional.py (d))."""
 
-  def __init__(self, cfg: AttentionConfig, *, rngs: nnx.Rngs):
-    self.o = Linear((cfg.num_heads, cfg.head_dim), cfg.d_model,
+  def __init__(self, cfg: AttentionConfig, *, num_heads: int | None = None, rngs: nnx.Rngs):
+    num_heads = cfg.num_heads if num_heads is None else num_heads
+    self.o = Linear((num_heads, cfg.head_dim), cfg.d_model,
                     axes=("heads", "head_dim", "embed"), use_bias=cfg.use_bias,
                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
