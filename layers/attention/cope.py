@@ -72,19 +72,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.attention import query_blocks
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.positional import PositionalEncoding, register_positional
-from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference as flash_reference
 
 
 def _check_impl(implementation: str):
-  if implementation.startswith("pallas") or implementation == "cudnn":
-    raise ValueError(
-        f"positional='cope' has no implementation={implementation!r} kernel (the reverse "
-        "cumsum of its gates breaks online-softmax tiling); use implementation='auto', 'xla' "
-        "(query-chunked XLA path, memory linear in T) or 'reference'")
+  query_blocks.refuse_kernels(
+      "positional='cope'", implementation,
+      "the reverse cumsum of its gates breaks online-softmax tiling")
 
 
 def cope_positions(gate_logits: jax.Array, visible: Optional[jax.Array], p_max: int, *,
@@ -167,25 +165,12 @@ def cope_attention(q, k, v, pos_emb, mask: Optional[Mask] = None, *,
   rep = hq // hkv
   scale = d ** -0.5 if scale is None else scale
   p_max = pos_emb.shape[0] - 1
-  bq = max(1, min(block_q, tq))
-  nb = -(-tq // bq)
-  margs = mask.mask_args(b, tq, tk)
   kf, vf, ef = k.astype(jnp.float32), v.astype(jnp.float32), pos_emb.astype(jnp.float32)
-  kv_idx = jnp.arange(tk)
 
-  qp = jnp.pad(q, ((0, 0), (0, nb * bq - tq), (0, 0), (0, 0)))
-  q_blocks = jnp.moveaxis(qp.reshape(b, nb, bq, hkv, rep, d), 1, 0)  # [nb, B, bq, Hkv, rep, D]
-  starts = jnp.arange(nb) * bq
-
-  @jax.checkpoint
-  def block(args):
-    qb, start = args
-    qb = qb.astype(jnp.float32)
+  def block(qb, vis):  # qb [B, bq, Hq, D]
+    qb = qb.reshape(*qb.shape[:2], hkv, rep, d).astype(jnp.float32)
     s = jnp.einsum("bqgrd,bkgd->bgrqk", qb, kf) * scale  # [B, Hkv, rep, bq, Tk]
-    vis = masking.visible(margs, start + jnp.arange(bq), kv_idx, tk)
-    if vis is not None:  # [B|1, H|1, bq, Tk] -> [B|1, Hkv|1, rep|1, bq, Tk]
-      vis = (vis.reshape(vis.shape[0], hkv, rep, bq, tk) if vis.shape[1] == hq
-             else vis[:, :, None])
+    vis = query_blocks.group_heads(vis, hkv, rep)
     p = cope_positions(s, vis, p_max, unit_gates=unit_gates)
     qe = jnp.einsum("bqgrd,nd->bgrqn", qb, ef)  # [B, Hkv, rep, bq, p_max + 1]
     z = s + scale * interpolate_position_logits(qe, p)
@@ -195,10 +180,9 @@ def cope_attention(q, k, v, pos_emb, mask: Optional[Mask] = None, *,
     e = jnp.exp(z - jnp.where(jnp.isfinite(m), m, 0.0))
     den = jnp.sum(e, axis=-1, keepdims=True)
     probs = e / jnp.where(den > 0, den, 1.0)  # a row with no visible key: all zero
-    return jnp.einsum("bgrqk,bkgd->bqgrd", probs, vf)
+    return jnp.einsum("bgrqk,bkgd->bqgrd", probs, vf).reshape(*qb.shape[:2], hq, d)
 
-  out = jax.lax.map(block, (q_blocks, starts))  # [nb, B, bq, Hkv, rep, D]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, nb * bq, hq, d)[:, :tq]
+  out = query_blocks.map_query_blocks(block, q, block_q, mask.mask_args(b, tq, tk), tk)
   return out.astype(q.dtype)
 
 

@@ -58,11 +58,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import registry
+from layers.attention import query_blocks, registry
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention
-from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference as flash_reference
 
 _MIN_ALPHA_GAP = 1e-3
@@ -183,10 +182,7 @@ def entmax_implicit_reference(z: jax.Array, alpha: jax.Array, n_iter: int = 40) 
 
 
 def _check_impl(implementation: str):
-  if implementation.startswith("pallas") or implementation == "cudnn":
-    raise ValueError(
-        f"entmax has no {implementation!r} kernel (tau breaks online-softmax tiling); "
-        "use implementation='auto', 'xla' (chunked XLA path, linear in T) or 'reference'")
+  query_blocks.refuse_kernels("entmax", implementation, "tau breaks online-softmax tiling")
 
 
 def _alpha_heads(alpha, hq):
@@ -224,31 +220,19 @@ def entmax_attention(q, k, v, alpha, mask: Optional[Mask] = None, *,
   tk, hkv = k.shape[1], k.shape[2]
   rep = hq // hkv
   scale = d ** -0.5 if scale is None else scale
-  bq = max(1, min(block_q, tq))
-  nb = -(-tq // bq)
-  margs = mask.mask_args(b, tq, tk)
   alpha_g = _alpha_heads(alpha, hq).reshape(hkv, rep)[:, :, None, None]  # [Hkv, rep, 1, 1]
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-  kv_idx = jnp.arange(tk)
 
-  qp = jnp.pad(q, ((0, 0), (0, nb * bq - tq), (0, 0), (0, 0)))
-  q_blocks = jnp.moveaxis(qp.reshape(b, nb, bq, hkv, rep, d), 1, 0)  # [nb, B, bq, Hkv, rep, D]
-  starts = jnp.arange(nb) * bq
-
-  @jax.checkpoint
-  def block(args):
-    qb, start = args
-    s = jnp.einsum("bqgrd,bkgd->bgrqk", qb.astype(jnp.float32), kf) * scale
-    vis = masking.visible(margs, start + jnp.arange(bq), kv_idx, tk)
-    if vis is not None:  # [B|1, H|1, bq, Tk] -> [B|1, Hkv|1, rep|1, bq, Tk]
-      vis = (vis.reshape(vis.shape[0], hkv, rep, bq, tk) if vis.shape[1] == hq
-             else vis[:, :, None])
+  def block(qb, vis):  # qb [B, bq, Hq, D]
+    qb = qb.reshape(*qb.shape[:2], hkv, rep, d).astype(jnp.float32)
+    s = jnp.einsum("bqgrd,bkgd->bgrqk", qb, kf) * scale
+    vis = query_blocks.group_heads(vis, hkv, rep)
+    if vis is not None:
       s = jnp.where(vis, s, -jnp.inf)
     p = entmax_bisect(s, alpha_g, n_iter)
-    return jnp.einsum("bgrqk,bkgd->bqgrd", p, vf)
+    return jnp.einsum("bgrqk,bkgd->bqgrd", p, vf).reshape(*qb.shape[:2], hq, d)
 
-  out = jax.lax.map(block, (q_blocks, starts))  # [nb, B, bq, Hkv, rep, D]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, nb * bq, hq, d)[:, :tq]
+  out = query_blocks.map_query_blocks(block, q, block_q, mask.mask_args(b, tq, tk), tk)
   return out.astype(q.dtype)
 
 

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import registry
+from layers.attention import query_blocks, registry
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention
@@ -83,11 +83,8 @@ HEAD_MIX = ("post", "pre", "none")
 
 
 def _check_impl(implementation: str):
-  if implementation.startswith("pallas") or implementation == "cudnn":
-    raise ValueError(
-        f"multi_token has no {implementation!r} kernel (the key-query conv breaks "
-        "online-softmax tiling); use implementation='auto', 'xla' (chunked XLA path, linear "
-        "in T) or 'reference'")
+  query_blocks.refuse_kernels("multi_token", implementation,
+                              "the key-query conv breaks online-softmax tiling")
 
 
 def _safe_softmax(s: jax.Array) -> jax.Array:

@@ -75,11 +75,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import registry
+from layers.attention import query_blocks, registry
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention
-from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference as flash_reference
 
 ACTIVATIONS = {
@@ -105,10 +104,7 @@ class ScoreNet(NamedTuple):
 
 
 def _check_impl(implementation: str):
-  if implementation.startswith("pallas") or implementation == "cudnn":
-    raise ValueError(
-        f"neural has no {implementation!r} kernel (an MLP score is not a q.k product); use "
-        "implementation='auto', 'xla' (query-chunked XLA path, linear in T) or 'reference'")
+  query_blocks.refuse_kernels("neural", implementation, "an MLP score is not a q.k product")
 
 
 def _heads(net: ScoreNet, hq: int) -> ScoreNet:
@@ -180,23 +176,12 @@ def neural_attention(q, k, v, net: ScoreNet, mask: Optional[Mask] = None, *,
   net = _heads(net, hq)
   a, c = _features(q, k, net)  # O(T Hq F_1), outside the loop
   vf = flash_reference.repeat_kv(v, hq).astype(jnp.float32)
-  bq = max(1, min(block_q, tq))
-  nb = -(-tq // bq)
-  margs = mask.mask_args(b, tq, tk)
-  kv_idx = jnp.arange(tk)
-  a = jnp.pad(a, ((0, 0), (0, nb * bq - tq), (0, 0), (0, 0)))
-  a_blocks = jnp.moveaxis(a.reshape(b, nb, bq, hq, a.shape[-1]), 1, 0)  # [nb, B, bq, Hq, F_1]
-  starts = jnp.arange(nb) * bq
 
-  @jax.checkpoint
-  def block(args):
-    ab, start = args
-    s = _pair_scores(ab, c, net, act)  # [B, Hq, bq, Tk]
-    p = _masked_softmax(s, masking.visible(margs, start + jnp.arange(bq), kv_idx, tk))
+  def block(ab, vis):  # ab [B, bq, Hq, F_1]
+    p = _masked_softmax(_pair_scores(ab, c, net, act), vis)  # [B, Hq, bq, Tk]
     return jnp.einsum("bhqk,bkhd->bqhd", p, vf)
 
-  out = jax.lax.map(block, (a_blocks, starts))  # [nb, B, bq, Hq, D]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, nb * bq, hq, d)[:, :tq]
+  out = query_blocks.map_query_blocks(block, a, block_q, mask.mask_args(b, tq, tk), tk)
   return out.astype(q.dtype)
 
 

@@ -176,7 +176,7 @@ def test_fixed_alpha_has_zero_gradient_and_bad_options_error():
                     ("block_q", 0)]:
     with pytest.raises(ValueError, match=f"model.attention_options.{name}"):
       _layer(**{name: bad})
-  with pytest.raises(ValueError, match="no 'pallas' kernel"):
+  with pytest.raises(ValueError, match="no implementation='pallas' kernel"):
     _layer("pallas")
   fresh = EntmaxAttention(AttentionConfig(d_model=32, num_heads=4, options={"alpha_init": 1.25}),
                           rngs=nnx.Rngs(0))

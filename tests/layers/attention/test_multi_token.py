@@ -130,7 +130,7 @@ def test_bad_options_error():
                     ("group_norm", 1), ("block_q", 0), ("depth_scale", "x")]:
     with pytest.raises(ValueError, match=f"model.attention_options.{name}"):
       _layer(**{name: bad})
-  with pytest.raises(ValueError, match="no 'pallas' kernel"):
+  with pytest.raises(ValueError, match="no implementation='pallas' kernel"):
     _layer("pallas")
   assert _layer(head_mix="none").head_mix_w is None
 

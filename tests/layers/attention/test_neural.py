@@ -120,7 +120,7 @@ def test_params_options_and_errors():
                     ("share_heads", "yes"), ("block_q", 0)]:
     with pytest.raises(ValueError, match=f"model.attention_options.{name}"):
       _layer(**{name: bad})
-  with pytest.raises(ValueError, match="no 'pallas' kernel"):
+  with pytest.raises(ValueError, match="no implementation='pallas' kernel"):
     _layer("pallas")
   assert layer.train_flops_per_token(16) == 3.0 * 4 * (2 * 8 + 2 * 8 + 2 * 8) * 16
 

@@ -36,6 +36,14 @@ def inputs(b, tq, tk, hq, hkv, d, dv=None, dtype=jnp.float32, seed=0):
   return q, k, v, do
 
 
+def packed_segments(t):
+  """Segment ids [2, t] of packed sequences (3 in batch row 0, 2 in row 1), as a pipeline packs."""
+  seg = np.zeros((2, t), np.int32)
+  seg[0, :12], seg[0, 12:30], seg[0, 30:] = 1, 2, 3
+  seg[1, :20], seg[1, 20:] = 1, 2
+  return jnp.asarray(seg)
+
+
 def jit(fn, *args):
   """fn(*args), compiled once with FAST_COMPILE."""
   return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)

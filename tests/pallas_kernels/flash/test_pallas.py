@@ -19,17 +19,13 @@ import pytest
 from pallas_kernels import flash_attention
 from pallas_kernels.flash import api, masking, pallas, reference, schedule
 from tests.numerics import rel_err
-from tests.pallas_kernels.flash.parity import BF16_TOL, compare, inputs, jit
+from tests.pallas_kernels.flash.parity import packed_segments, BF16_TOL, compare, inputs, jit
 
 KERNELS = ("triton", "tpu")
 B, T, HQ, HKV, D = 2, 37, 4, 2, 8
 
 
-def _segments(t):
-  seg = np.zeros((B, t), np.int32)
-  seg[0, :12], seg[0, 12:30], seg[0, 30:] = 1, 2, 3
-  seg[1, :20], seg[1, 20:] = 1, 2
-  return jnp.asarray(seg)
+_segments = packed_segments  # B = 2 rows
 
 
 def _fast(kernel, block_q=8, block_k=16, on_gpu=False):

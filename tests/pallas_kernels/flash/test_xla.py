@@ -17,7 +17,7 @@ from pallas_kernels import flash_attention
 from pallas_kernels import dispatch
 from pallas_kernels.flash import api, masking, xla
 from tests.pallas_kernels.flash.parity import (BF16_TOL, F32_TOL, compare, inputs as _inputs,
-                                               jit as _jit, normal as _normal)
+                                               jit as _jit, normal as _normal, packed_segments)
 from tests.numerics import rel_err as _rel_err
 
 
@@ -37,12 +37,7 @@ def _compare(q, k, v, do, *, mask_args=None, bias=None, sinks=None, distance_bia
 B, T, HQ, HKV, D = 2, 37, 4, 2, 8
 
 
-def _segments(t):
-  """Packed sequences (3 in batch row 0, 2 in row 1), as a data pipeline packs them."""
-  seg = np.zeros((B, t), np.int32)
-  seg[0, :12], seg[0, 12:30], seg[0, 30:] = 1, 2, 3
-  seg[1, :20], seg[1, 20:] = 1, 2
-  return jnp.asarray(seg)
+_segments = packed_segments  # B = 2 rows
 
 
 MASKS = {
