@@ -38,11 +38,11 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.norm = "rmsnorm"  # rmsnorm | layernorm
   m.norm_eps = 1e-6
   m.attention = "mha"  # a family id, or a comma-separated per-layer pattern
-  m.positional = "rope"  # rope | nope | alibi | bam | nope_hybrid | cope | rope_imag
+  m.positional = "rope"  # rope | nope | alibi | bam | nope_hybrid | cope | rope_imag | rope_buckets
   m.rope_base = 10_000.0
   m.rope_scaling = 1.0  # context-extension factor
-  m.rope_scaling_type = "linear"  # linear | ntk | yarn | llama3
-  m.rope_original_max_len = ml_collections.config_dict.placeholder(int)  # yarn / llama3
+  m.rope_scaling_type = "linear"  # linear | ntk | yarn | llama3 | truncated
+  m.rope_original_max_len = ml_collections.config_dict.placeholder(int)  # yarn, llama3, truncated
   # nope_hybrid: per-layer "rope"/"nope" list cycled over layers (None: "rope,rope,rope,nope")
   m.positional_schedule = ml_collections.config_dict.placeholder(str)
   m.rope_window = ml_collections.config_dict.placeholder(int)  # nope_hybrid: RoPE layers' window

@@ -31,8 +31,8 @@ class AttentionConfig:
   positional: str = "rope"
   rope_base: float = 10_000.0
   rope_scaling: float = 1.0  # context-extension factor s (1: none)
-  rope_scaling_type: str = "linear"  # linear | ntk | yarn | llama3 (layers/attention/rope.py)
-  rope_original_max_len: Optional[int] = None  # training context of yarn / llama3 scaling
+  rope_scaling_type: str = "linear"  # linear | ntk | yarn | llama3 | truncated (rope.py)
+  rope_original_max_len: Optional[int] = None  # training context (yarn, llama3, truncated)
   window: Optional[Union[int, Tuple[Optional[int], Optional[int]]]] = None  # sliding window of this layer
   use_bias: bool = False
   implementation: str = "auto"

@@ -21,7 +21,9 @@ parameters of learned encodings train and are checkpointed with it), built by
       over keys): `enc.owns_attention` (static, default False) is True and
       `enc.attention(q, k, v, mask, implementation=...) -> out [B, Tq, Hq, D]`
       replaces the flash kernel call in `MultiHeadAttention.core` (after (a)).
-      The encoding then owns its reference and fast paths.
+      The encoding then owns its reference and fast paths. Its (a) may return
+      q and k in whatever layout its own `attention` reads (rope_buckets: a
+      leading axis of one rotated copy per RoPE base).
   (d) widen the heads: `enc.heads_per_query = m` (static, default 1) means
       (a) returns q with m * Hq heads, the m heads made from query head h
       adjacent (h*m .. h*m + m - 1, so they share h's KV head under GQA);
@@ -31,12 +33,21 @@ Families that override `MultiHeadAttention.core` (or `__call__`) refuse
 encodings with (b) unless they declare `applies_positional_bias`, and always
 refuse (c) and (d), which only the `mha` core runs.
 
-Registered here: `rope` (rotary; linear, NTK, YaRN and Llama-3 scaling),
+Registered here: `rope` (rotary; linear, NTK, YaRN, Llama-3 scaling and
+Giraffe's truncated basis, layers/attention/rope.py),
 `nope` (no positional information: "Length Generalization of Causal
 Transformers without Position Encoding" shows causal masks alone let a model
 infer order), `alibi` (layers/attention/alibi.py), `bam`
 (layers/attention/bam.py), `nope_hybrid` (layers/attention/nope_hybrid.py),
-`cope` (layers/attention/cope.py) and `rope_imag` (layers/attention/rope_imag.py).
+`cope` (layers/attention/cope.py), `rope_imag` (layers/attention/rope_imag.py)
+and `rope_buckets` (layers/attention/rope_buckets.py).
+
+RoPE options (`model.attention_options.<name>`), read only with
+rope_scaling_type="truncated" (the truncated basis, layers/attention/rope.py):
+  rope_truncate_zero_ratio (float >= 1, 8): b / a, frequencies at or below
+      a = b / ratio are zeroed (b = 2 pi / rope_original_max_len);
+  rope_truncate_rho_ratio (float > 0, 16): b / rho, the value rho = b / ratio
+      given to the middle band a < theta < b.
 """
 
 from __future__ import annotations
@@ -48,7 +59,8 @@ from flax import nnx
 
 from layers.attention.config import AttentionConfig
 from layers.attention.registry import registrar
-from layers.attention.rope import apply_rope
+from layers.attention.rope import (TRUNCATE_RHO_RATIO, TRUNCATE_ZERO_RATIO, apply_rope,
+                                   rope_frequencies)
 
 
 class PositionalEncoding(nnx.Module):
@@ -71,14 +83,39 @@ class PositionalEncoding(nnx.Module):
     raise NotImplementedError(f"{type(self).__name__} does not own the attention computation")
 
 
+def _float_option(cfg: AttentionConfig, name: str, default: float) -> float:
+  value = cfg.option(name, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"model.attention_options.{name} must be a number, got {value!r}")
+  return float(value)
+
+
+def rope_settings(cfg: AttentionConfig) -> Dict[str, object]:
+  """`apply_rope` keyword arguments of the layer's RoPE settings (model.rope_* fields, and the
+  truncated basis' options), validated here so errors name the setting."""
+  kwargs = dict(base=cfg.rope_base, scaling=cfg.rope_scaling,
+                scaling_type=cfg.rope_scaling_type,
+                original_max_len=cfg.rope_original_max_len)
+  if cfg.rope_scaling_type == "truncated":
+    zero = _float_option(cfg, "rope_truncate_zero_ratio", TRUNCATE_ZERO_RATIO)
+    rho = _float_option(cfg, "rope_truncate_rho_ratio", TRUNCATE_RHO_RATIO)
+    if not zero >= 1:
+      raise ValueError(f"model.attention_options.rope_truncate_zero_ratio must be >= 1 "
+                       f"(a = b / ratio <= b), got {zero}")
+    if not rho > 0:
+      raise ValueError(f"model.attention_options.rope_truncate_rho_ratio must be positive, "
+                       f"got {rho}")
+    kwargs.update(truncate_zero_ratio=zero, truncate_rho_ratio=rho)
+  rope_frequencies(cfg.head_dim, **kwargs)  # its errors name the model.rope_* field at fault
+  return kwargs
+
+
 class RoPE(PositionalEncoding):
   def __init__(self, cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None):
     del rngs
     if cfg.head_dim % 2:
       raise ValueError(f"positional='rope' needs an even head_dim, got {cfg.head_dim}")
-    self.kwargs = dict(base=cfg.rope_base, scaling=cfg.rope_scaling,
-                       scaling_type=cfg.rope_scaling_type,
-                       original_max_len=cfg.rope_original_max_len)
+    self.kwargs = rope_settings(cfg)
 
   def __call__(self, q: jax.Array, k: jax.Array, q_positions, kv_positions):
     return apply_rope(q, q_positions, **self.kwargs), apply_rope(k, kv_positions, **self.kwargs)
@@ -107,4 +144,5 @@ def make_positional(cfg: AttentionConfig, *, rngs: Optional[nnx.Rngs] = None) ->
 
 
 # The modules below register themselves with `register_positional`.
-from layers.attention import alibi, bam, cope, nope_hybrid, rope_imag  # noqa: E402,F401
+from layers.attention import (  # noqa: E402,F401
+    alibi, bam, cope, nope_hybrid, rope_buckets, rope_imag)
