@@ -1,5 +1,6 @@
-"""Reusable Flax NNX layers: attention families (layers.attention), norms, MLPs,
-embeddings, the linear projection and the transformer block.
+"""Reusable Flax NNX layers: attention families (layers.attention), pooling heads for
+classifiers (layers.pooling), norms, MLPs, embeddings, the linear projection and the
+transformer block.
 
 Every parameter carries `logical_axes` metadata (names such as "embed", "heads",
 "kv_heads", "head_dim", "mlp", "vocab"); the train loop maps those names to
