@@ -310,8 +310,9 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"
 def test_triton_compiled(kind, dtype):
   q, k, v, do = inputs(B, T, T, HQ, HKV, 64, dtype=dtype)
   mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
+  # Triton's float32 dots may run as TF32 (10-bit mantissa) on the GPU.
   compare(_fast("triton", 16, 16, on_gpu=True), q, k, v, do, mask_args=mask_args,
-          tol=BF16_TOL if dtype == jnp.bfloat16 else 1e-4)
+          tol=BF16_TOL if dtype == jnp.bfloat16 else 5e-3)
 
 
 @pytest.mark.gpu
