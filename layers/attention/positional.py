@@ -2,7 +2,7 @@
 
 A positional encoding is an `nnx.Module` owned by the attention layer (so the
 parameters of learned encodings train and are checkpointed with it), built by
-`make_positional(cfg, rngs=...)`. It may do either or both of:
+`make_positional(cfg, rngs=...)`. It may do any of:
 
   (a) transform q and k: `enc(q, k, q_positions, kv_positions) -> (q, k)`
       (rotations, scales, norms; identity by default);

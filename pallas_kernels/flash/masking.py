@@ -175,6 +175,29 @@ def _check_shape(name, x, shape):
     raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
 
 
+def position_rule(is_causal: bool, window, chunk_size: Optional[int], q_pos, k_pos):
+  """The causal, window and chunk rules on broadcastable position arrays; None when none applies.
+
+  Plain jnp on values, so the Pallas kernels evaluate the same rules per tile (tile.py).
+  """
+  rule = None
+
+  def conj(a, b):
+    return b if a is None else a & b
+
+  if is_causal:
+    rule = k_pos <= q_pos
+  if window is not None:
+    left, right = window
+    if left is not None:
+      rule = conj(rule, k_pos >= q_pos - left)
+    if right is not None:
+      rule = conj(rule, k_pos <= q_pos + right)
+  if chunk_size is not None:
+    rule = conj(rule, (q_pos // chunk_size) == (k_pos // chunk_size))
+  return rule
+
+
 def visible(m: MaskArgs, q_idx: jax.Array, kv_idx: jax.Array,
             tk: Optional[int] = None) -> Optional[jax.Array]:
   """Boolean visibility for query indices `q_idx: [bq]` x key indices `kv_idx: [bk]`.
@@ -195,17 +218,7 @@ def visible(m: MaskArgs, q_idx: jax.Array, kv_idx: jax.Array,
   if m.q_positions is not None:
     qp = take(m.q_positions, q_idx)[:, None, :, None]
     kp = take(m.kv_positions, kv_idx)[:, None, None, :]
-    rule = None
-    if m.is_causal:
-      rule = kp <= qp
-    if m.window is not None:
-      left, right = m.window
-      if left is not None:
-        rule = conj(rule, kp >= qp - left)
-      if right is not None:
-        rule = conj(rule, kp <= qp + right)
-    if m.chunk_size is not None:
-      rule = conj(rule, (qp // m.chunk_size) == (kp // m.chunk_size))
+    rule = position_rule(m.is_causal, m.window, m.chunk_size, qp, kp)
     if m.prefix_lengths is not None and rule is not None:
       # The prefix only widens a restricting rule; with no rule every key is
       # already visible (a bidirectional prefix-LM is plain bidirectional).

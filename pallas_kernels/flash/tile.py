@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import jax.numpy as jnp
 
+from pallas_kernels.flash import masking
+
 VALID_KEY = 1
 IN_PREFIX = 2
 NUM_HEAD_PARAMS = 4  # slope, power, center, sink
@@ -57,21 +59,7 @@ def visible(spec: TileSpec, q_pos, q_seg, k_pos, k_seg, k_flags):
   """Boolean [bq, bk]: masking.visible for one tile (q_* are [bq, 1], k_* are [1, bk])."""
   vis = (k_flags & VALID_KEY) != 0
   if spec.has_position_rule:
-    rule = None
-
-    def conj(a, b):
-      return b if a is None else a & b
-
-    if spec.is_causal:
-      rule = k_pos <= q_pos
-    if spec.window is not None:
-      left, right = spec.window
-      if left is not None:
-        rule = conj(rule, k_pos >= q_pos - left)
-      if right is not None:
-        rule = conj(rule, k_pos <= q_pos + right)
-    if spec.chunk_size is not None:
-      rule = conj(rule, (q_pos // spec.chunk_size) == (k_pos // spec.chunk_size))
+    rule = masking.position_rule(spec.is_causal, spec.window, spec.chunk_size, q_pos, k_pos)
     if spec.has_prefix:
       rule = rule | ((k_flags & IN_PREFIX) != 0)
     vis = vis & rule
