@@ -94,3 +94,16 @@ def sinks_per_row(sinks: jax.Array, num_kv_heads: int, q_len: int, rows: int) ->
   per_group = sinks.astype(jnp.float32).reshape(num_kv_heads, -1)  # [Hkv, G]
   x = jnp.tile(per_group, (1, q_len))  # row t * G + j -> sinks[g * G + j]
   return jnp.pad(x, ((0, 0), (0, rows - x.shape[1])), constant_values=-jnp.inf)
+
+
+def call_refusal(call, dtypes, block_kv: Optional[int]) -> Optional[str]:
+  """Why a decode kernel cannot take `call` for dtype or block reasons, shared by every backend."""
+  if call.q_dtype != call.kv_dtype:
+    return f"q dtype {call.q_dtype} differs from the cache dtype {call.kv_dtype}"
+  if call.kv_dtype not in dtypes:
+    names = ", ".join(str(d) for d in dtypes)
+    return f"dtype {call.kv_dtype} is not one of {names}"
+  if block_kv is not None and not call.paged and call.capacity % block_kv:
+    return f"block_kv={block_kv} does not divide the cache length {call.capacity}"
+  return None
+

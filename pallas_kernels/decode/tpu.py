@@ -177,12 +177,9 @@ class TpuBackend:
     self.name = "pallas_tpu_interpret" if interpret else "pallas_tpu"
 
   def is_supported(self, call) -> Tuple[bool, str]:
-    if call.q_dtype != call.kv_dtype:
-      return False, f"q dtype {call.q_dtype} differs from the cache dtype {call.kv_dtype}"
-    if call.kv_dtype not in DTYPES:
-      return False, f"dtype {call.kv_dtype} is not one of float32, bfloat16"
-    if self.block_kv is not None and not call.paged and call.capacity % self.block_kv:
-      return False, f"block_kv={self.block_kv} does not divide the cache length {call.capacity}"
+    reason = cache_layout.call_refusal(call, DTYPES, self.block_kv)
+    if reason:
+      return False, reason
     if self.interpret:
       return True, ""
     if call.platform != "tpu":
