@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Optional, Tuple
 
 import jax
@@ -41,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.decode import cache_layout
+from pallas_kernels.triton_backend import triton_backend
 from pallas_kernels.decode import online_softmax
 
 DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -50,19 +50,6 @@ TARGET_PROGRAMS = 256  # splits are added until B * Hkv * splits reaches this (a
 
 
 @functools.lru_cache(maxsize=None)
-def triton_backend() -> Tuple[Optional[object], str]:
-  """(jax.experimental.pallas.triton, "") if this JAX still ships it, else (None, why not)."""
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", DeprecationWarning)
-      from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return None, f"this JAX ({jax.__version__}) has no Pallas Triton backend: {e}"
-  if not hasattr(plgpu, "CompilerParams"):
-    return None, f"this JAX ({jax.__version__}) has no Pallas Triton CompilerParams"
-  return plgpu, ""
-
-
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and not n & (n - 1)
 

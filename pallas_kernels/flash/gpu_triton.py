@@ -31,13 +31,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash import tile
+from pallas_kernels.triton_backend import triton_backend
 
 
 def _compiler_params(num_warps: int, num_stages: int):
-  try:
-    from jax.experimental.pallas import triton as pltriton
-  except ImportError:  # pragma: no cover - only when a JAX release drops Triton
-    return None
+  pltriton, why = triton_backend()
+  if pltriton is None:  # is_supported refuses first; reached only by direct calls
+    raise NotImplementedError(why)
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

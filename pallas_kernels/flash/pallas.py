@@ -42,6 +42,7 @@ from pallas_kernels.flash import reference
 from pallas_kernels.flash import schedule
 from pallas_kernels.flash import tile
 from pallas_kernels.flash import tpu
+from pallas_kernels.triton_backend import triton_backend
 
 _F32 = jnp.float32
 
@@ -266,8 +267,9 @@ class PallasFlashBackend:
     if self.interpret:
       return True, ""
     if self.kernel == "triton":
-      if not _triton_available():
-        return False, "this JAX has no Pallas Triton backend"
+      pltriton, why = triton_backend()
+      if pltriton is None:
+        return False, why
       if call.group_size & (call.group_size - 1):
         return False, f"query heads per kv head ({call.group_size}) is not a power of two"
       for name, blk in (("block_q", bq), ("block_k", bk)):
@@ -291,12 +293,6 @@ class PallasFlashBackend:
                      sinks=sinks, distance_bias=distance_bias, return_lse=return_lse,
                      block_q=bq, block_k=bk, kernel=self.kernel, interpret=self.interpret,
                      head_dim_multiple=multiple)
-
-
-def _triton_available() -> bool:
-  """Pallas Triton is deprecated upstream from JAX 0.11; a release may drop it."""
-  import importlib.util
-  return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
 
 
 PALLAS_TPU = PallasFlashBackend("pallas_tpu", "tpu", interpret=False)

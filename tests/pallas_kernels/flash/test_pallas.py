@@ -18,6 +18,7 @@ import pytest
 
 from pallas_kernels import flash_attention
 from pallas_kernels.flash import api, masking, pallas, reference, schedule
+from pallas_kernels.triton_backend import triton_backend
 from tests.numerics import rel_err
 from tests.pallas_kernels.flash.parity import packed_segments, BF16_TOL, compare, inputs, jit
 
@@ -264,8 +265,8 @@ def _chip_info_for_tpu_lowering(monkeypatch):
     (pallas.PALLAS_TPU, "tpu", 64, jnp.float32),  # padded to 128
 ])
 def test_hardware_backends_lower(monkeypatch, backend, platform, head_dim, dtype):
-  if backend is pallas.PALLAS_TRITON and not pallas._triton_available():
-    pytest.skip("this JAX has no Pallas Triton backend")
+  if backend is pallas.PALLAS_TRITON and triton_backend()[0] is None:
+    pytest.skip(triton_backend()[1])
   if platform == "tpu":
     _chip_info_for_tpu_lowering(monkeypatch)
   b, t, hq, hkv = 2, 300, 4, 2
