@@ -157,16 +157,14 @@ def _dkdv_body(spec, block_q, block_k, group, ins, dk_ref, dv_ref):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _token_specs(spec, tokens, q_block_fn, k_full_fn):
-  """BlockSpecs and arrays of the token-level mask data present in this call."""
-  names, arrays, specs = [], [], []
-  for name, side in (("q_pos", "q"), ("q_seg", "q"), ("k_pos", "k"), ("k_seg", "k"),
-                     ("k_flags", "k")):
-    if tokens.get(name) is None:
-      continue
-    names.append(name)
-    arrays.append(tokens[name])
-    specs.append(q_block_fn(tokens[name]) if side == "q" else k_full_fn(tokens[name]))
+def _token_specs(tokens):
+  """Names, arrays and BlockSpecs of the token-level mask data present in this call.
+
+  Every program reads its batch row's whole [T] of each ([B, T] arrays), whatever its grid.
+  """
+  names = [n for n in ("q_pos", "q_seg", "k_pos", "k_seg", "k_flags") if tokens.get(n) is not None]
+  arrays = [tokens[n] for n in names]
+  specs = [pl.BlockSpec((None, x.shape[1]), lambda bi, *_: (bi, 0)) for x in arrays]
   return names, arrays, specs
 
 
@@ -188,10 +186,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k, inte
       pl.BlockSpec((None, None, None, lists.shape[-1]),
                    lambda bi, h, i: (bi, h if hs > 1 else 0, i, 0)),
   ]
-  t_names, t_arrays, t_specs = _token_specs(
-      spec, tokens,
-      lambda x: pl.BlockSpec((None, tq), lambda bi, h, i: (bi, 0)),
-      lambda x: pl.BlockSpec((None, tk), lambda bi, h, i: (bi, 0)))
+  t_names, t_arrays, t_specs = _token_specs(tokens)
   body = functools.partial(_forward_body, spec, block_q, block_k)
   return pl.pallas_call(
       _named(names + t_names, body),
@@ -234,10 +229,7 @@ def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta,
       pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i)),
       pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i)),
   ]
-  t_names, t_arrays, t_specs = _token_specs(
-      spec, tokens,
-      lambda x: pl.BlockSpec((None, tq), lambda bi, h, i: (bi, 0)),
-      lambda x: pl.BlockSpec((None, tk), lambda bi, h, i: (bi, 0)))
+  t_names, t_arrays, t_specs = _token_specs(tokens)
   out_specs = [q_blk]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if spec.has_distance_bias:
@@ -265,10 +257,7 @@ def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta,
       pl.BlockSpec((None, group, tq), lambda bi, g, j: (bi, g, 0)),
       pl.BlockSpec((None, group, tq), lambda bi, g, j: (bi, g, 0)),
   ]
-  t_names, t_arrays, t_specs = _token_specs(
-      spec, tokens,
-      lambda x: pl.BlockSpec((None, tq), lambda bi, g, j: (bi, 0)),
-      lambda x: pl.BlockSpec((None, tk), lambda bi, g, j: (bi, 0)))
+  t_names, t_arrays, t_specs = _token_specs(tokens)
   dk, dv_ = pl.pallas_call(
       _named(names + t_names, functools.partial(_dkdv_body, spec, block_q, block_k, group)),
       grid=(b, hkv, nk), in_specs=specs + t_specs,

@@ -123,8 +123,7 @@ def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = 
       has_segments=m.q_segment_ids is not None,
       has_distance_bias=distance_bias is not None, has_sinks=sinks is not None)
   tokens = token_arrays(m, b, tq, tk, tq_pad, tk_pad, need_positions=spec.has_positions)
-  block_mask = schedule.block_mask_from_mask(
-      dataclasses.replace(m, block_mask=None, block_shape=None), tq, tk, block_q, block_k, b)
+  block_mask = schedule.block_mask_from_mask(m, tq, tk, block_q, block_k, b)
   if m.block_mask is not None:
     block_mask = block_mask & m.block_mask
   sched = schedule.from_block_mask(block_mask)

@@ -94,7 +94,8 @@ def block_mask_from_mask(m: masking.MaskArgs, tq: int, tk: int, block_q: int, bl
 
   A block is kept when each rule *could* hold for some pair in it, judged from
   the blocks' ranges of positions and segment ids. Padded keys and queries
-  (past `tk`, `tq`) never make a block visible.
+  (past `tk`, `tq`) never make a block visible. A user block mask in `m` is
+  not read here; the caller AND-s it in.
   """
   if m.dense is not None:
     raise ValueError("a dense mask has no block schedule; use implementation='xla'")

@@ -67,7 +67,7 @@ class _Lists:
     return idx_ref[_flat((bi, self.b), (self.head(h), self.hs), (r, self.rows), (j, self.n))]
 
 
-def _token_inputs(spec, tokens, q_map, k_map, block_q, block_k):
+def _token_inputs(tokens, q_map, k_map, block_q, block_k):
   names, arrays, specs = [], [], []
   for name, side in (("q_pos", "q"), ("q_seg", "q"), ("k_pos", "k"), ("k_seg", "k"),
                      ("k_flags", "k")):
@@ -84,7 +84,7 @@ def _token_inputs(spec, tokens, q_map, k_map, block_q, block_k):
   return names, arrays, specs
 
 
-def _tokens(spec, refs):
+def _tokens(refs):
   get = lambda name: refs[name][...] if name in refs else None  # noqa: E731
   return get("q_pos"), get("q_seg"), get("k_pos"), get("k_seg"), get("k_flags")
 
@@ -109,7 +109,7 @@ def _forward_body(spec, lists, cnt_ref, idx_ref, hp_ref, ins, o_ref, lse_ref, m_
 
   @pl.when(j < lists.count(cnt_ref, bi, h, i))
   def _step():
-    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(spec, ins)
+    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(ins)
     raw = tile.raw_logits(spec, ins["q"][...], ins["k"][...])
     s = tile.logits(spec, raw, q_pos, k_pos, params,
                     tile.visible(spec, q_pos, q_seg, k_pos, k_seg, k_flags))
@@ -142,7 +142,7 @@ def forward(spec, q, k, v, head_params, tokens, counts, indices, *, block_q, blo
            pl.BlockSpec((None, None, block_k, d), kv_map),
            pl.BlockSpec((None, None, block_k, dv), kv_map)]
   t_names, t_arrays, t_specs = _token_inputs(
-      spec, tokens, lambda bi, h, i, j, *_: (bi, i, 0), k_tok_map, block_q, block_k)
+      tokens, lambda bi, h, i, j, *_: (bi, i, 0), k_tok_map, block_q, block_k)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=(b, hq, tq // block_q, n),
       in_specs=specs + t_specs,
@@ -177,7 +177,7 @@ def _dq_body(spec, lists, cnt_ref, idx_ref, hp_ref, ins, *refs):
 
   @pl.when(j < lists.count(cnt_ref, bi, h, i))
   def _step():
-    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(spec, ins)
+    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(ins)
     k = ins["k"][...]
     _, ds_raw, ds = tile.backward_tile(
         spec, ins["q"][...], k, ins["v"][...], ins["do"][...], ins["lse"][...], ins["delta"][...],
@@ -208,7 +208,7 @@ def _dkdv_body(spec, t_lists, group, cnt_ref, idx_ref, hp_ref, ins, dk_ref, dv_r
 
   @pl.when(t % m < t_lists.count(cnt_ref, bi, h, kb))
   def _step():
-    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(spec, ins)
+    q_pos, q_seg, k_pos, k_seg, k_flags = _tokens(ins)
     q, do = ins["q"][...], ins["do"][...]
     p, ds_raw, _ = tile.backward_tile(
         spec, q, ins["k"][...], ins["v"][...], do, ins["lse"][...], ins["delta"][...],
@@ -252,7 +252,7 @@ def backward(spec, q, k, v, head_params, tokens, counts, indices, t_counts, t_in
            pl.BlockSpec((None, None, block_q, 1), q_map),
            pl.BlockSpec((None, None, block_q, 1), q_map)]
   t_names, t_arrays, t_specs = _token_inputs(
-      spec, tokens, lambda bi, h, i, j, *_: (bi, i, 0), k_tok_map, block_q, block_k)
+      tokens, lambda bi, h, i, j, *_: (bi, i, 0), k_tok_map, block_q, block_k)
   out_specs = [pl.BlockSpec((None, None, block_q, d), q_map)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch = [pltpu.VMEM((block_q, d), jnp.float32)]
@@ -297,7 +297,7 @@ def backward(spec, q, k, v, head_params, tokens, counts, indices, t_counts, t_in
            pl.BlockSpec((None, None, block_q, 1), qt_map),
            pl.BlockSpec((None, None, block_q, 1), qt_map)]
   t_names, t_arrays, t_specs = _token_inputs(
-      spec, tokens, q_tok_map, lambda bi, g, kb, t, *_: (bi, 0, kb), block_q, block_k)
+      tokens, q_tok_map, lambda bi, g, kb, t, *_: (bi, 0, kb), block_q, block_k)
   dk, dv_ = pl.pallas_call(
       _named(3, names + t_names, 2, functools.partial(_dkdv_body, spec, t_lists, group)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
