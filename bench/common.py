@@ -15,6 +15,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def git_revision() -> str:
+  # A copy of the tree without .git (the GPU machine gets one) names its commit here.
+  if os.environ.get("ZOO_GIT_REVISION"):
+    return os.environ["ZOO_GIT_REVISION"]
   try:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=os.path.dirname(RESULTS), check=True).stdout.strip()

@@ -23,6 +23,7 @@ Upstream JAX 0.11 deprecates Pallas Triton in favour of Mosaic GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,6 +33,25 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash import tile
 from pallas_kernels.triton_backend import triton_backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """Triton launch settings per pass: warps per program, software-pipelining stages.
+
+  The backward's two kernels (dQ, dK/dV) share `bwd_*`. Defaults come from
+  `default_launch`; `bench/tune_flash_triton.py` measures the alternatives.
+  """
+  fwd_warps: int = 4
+  fwd_stages: int = 2
+  bwd_warps: int = 4
+  bwd_stages: int = 2
+
+
+def default_launch(head_dim: int, block_q: int, block_k: int) -> Launch:
+  """Settings measured on an H100 (bench/results/flash_triton_tuning.jsonl)."""
+  del head_dim, block_q, block_k
+  return Launch()
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -169,7 +189,7 @@ def _token_specs(tokens):
 
 
 def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k, interpret,
-            num_warps=4, num_stages=2):
+            launch: Launch = Launch()):
   """out [B, Tq, Hq, Dv], lse [B, Hq, Tq] (float32) from padded inputs; lists [B, Hs, nq, 1+n]."""
   b, tq, hq, d = q.shape
   tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -196,14 +216,15 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k, inte
                  pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i))],
       out_shape=[jax.ShapeDtypeStruct((b, tq, hq, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, tq), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      compiler_params=None if interpret else _compiler_params(launch.fwd_warps,
+                                                              launch.fwd_stages),
       interpret=interpret,
       name="flash_forward",
   )(*arrays, *t_arrays)
 
 
 def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta, *, block_q,
-             block_k, interpret, num_warps=4, num_stages=2):
+             block_k, interpret, launch: Launch = Launch()):
   """(dq, dk, dv, dparam_rows [B, Hq, Tq, 3] or None) from padded inputs.
 
   lse must be +inf on empty rows; delta = rowsum(dO * O) - dlse.
@@ -213,7 +234,7 @@ def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta,
   group = hq // hkv
   nq, nk = tq // block_q, tk // block_k
   hs = lists.shape[1]
-  cp = None if interpret else _compiler_params(num_warps, num_stages)
+  cp = None if interpret else _compiler_params(launch.bwd_warps, launch.bwd_stages)
 
   names = ["q", "k", "v", "head_params", "lists", "do", "lse", "delta"]
   arrays = [q, k, v, head_params, lists, do, lse, delta]

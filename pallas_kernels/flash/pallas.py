@@ -54,6 +54,7 @@ class _Static:
   block_q: int
   block_k: int
   interpret: bool
+  launch: Optional[gpu_triton.Launch] = None  # Triton only
 
 
 def _round_up(x: int, m: int) -> int:
@@ -103,11 +104,13 @@ def head_params(num_heads: int, distance_bias: Optional[jax.Array], sinks: Optio
 def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = None,
               logits_soft_cap: Optional[float] = None, sinks=None, distance_bias=None,
               return_lse: bool = False, block_q: int, block_k: int, kernel: str,
-              interpret: bool, head_dim_multiple: int = 1):
+              interpret: bool, head_dim_multiple: int = 1,
+              launch: Optional[gpu_triton.Launch] = None):
   """Flash attention through the Pallas kernels; the contract of `reference.attention`.
 
   `block_q`/`block_k` are final tile sizes (the backend chose them); a block
   mask in `mask_args` must use the same. `head_dim_multiple` pads D and Dv.
+  `launch`: Triton warps/stages (None: `gpu_triton.default_launch`).
   """
   b, tq, hq, d = q.shape
   tk, dv = k.shape[1], v.shape[3]
@@ -132,7 +135,10 @@ def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = 
   dv_pad = _round_up(dv, head_dim_multiple)
   pad4 = lambda x, t, dd: jnp.pad(  # noqa: E731
       x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, dd - x.shape[3])))
-  static = _Static(spec, kernel, block_q, block_k, interpret)
+  if kernel == "triton" and launch is None:
+    launch = gpu_triton.default_launch(d_pad, block_q, block_k)
+  static = _Static(spec, kernel, block_q, block_k, interpret,
+                   launch if kernel == "triton" else None)
   out, lse = _flash(static, pad4(q, tq_pad, d_pad), pad4(k, tk_pad, d_pad),
                     pad4(v, tk_pad, dv_pad), params, tokens, sched)
   out = out[:, :tq, :, :dv]
@@ -156,7 +162,8 @@ def _run_forward(st: _Static, q, k, v, params, tokens, sched):
   if st.kernel == "triton":
     return gpu_triton.forward(st.spec, q, k, v, params, tokens,
                               _triton_lists(sched.indices, sched.counts),
-                              block_q=st.block_q, block_k=st.block_k, interpret=st.interpret)
+                              block_q=st.block_q, block_k=st.block_k, interpret=st.interpret,
+                              launch=st.launch)
   out, lse = tpu.forward(st.spec, _bhtd(q), _bhtd(k), _bhtd(v), params, tokens, sched.counts,
                          sched.indices, block_q=st.block_q, block_k=st.block_k,
                          interpret=st.interpret)
@@ -183,7 +190,7 @@ def _flash_bwd(st, res, cotangents):
     dq, dk, dv, dparam_rows = gpu_triton.backward(
         st.spec, q, k, v, params, tokens, _triton_lists(sched.indices, sched.counts),
         _triton_lists(sched.t_indices, sched.t_counts), do, lse_b, delta,
-        block_q=st.block_q, block_k=st.block_k, interpret=st.interpret)
+        block_q=st.block_q, block_k=st.block_k, interpret=st.interpret, launch=st.launch)
   else:
     dq, dk, dv, dparam_rows = tpu.backward(
         st.spec, _bhtd(q), _bhtd(k), _bhtd(v), params, tokens, sched.counts, sched.indices,
