@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -55,6 +56,12 @@ class _Static:
   block_k: int
   interpret: bool
   launch: Optional[gpu_triton.Launch] = None  # Triton only
+  bwd_block_q: Optional[int] = None  # the backward's tiles (None: the forward's)
+  bwd_block_k: Optional[int] = None
+
+  @property
+  def bwd_blocks(self) -> Tuple[int, int]:
+    return self.bwd_block_q or self.block_q, self.bwd_block_k or self.block_k
 
 
 def _round_up(x: int, m: int) -> int:
@@ -105,17 +112,26 @@ def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = 
               logits_soft_cap: Optional[float] = None, sinks=None, distance_bias=None,
               return_lse: bool = False, block_q: int, block_k: int, kernel: str,
               interpret: bool, head_dim_multiple: int = 1,
-              launch: Optional[gpu_triton.Launch] = None):
+              launch: Optional[gpu_triton.Launch] = None,
+              bwd_blocks: Optional[Tuple[int, int]] = None):
   """Flash attention through the Pallas kernels; the contract of `reference.attention`.
 
   `block_q`/`block_k` are final tile sizes (the backend chose them); a block
   mask in `mask_args` must use the same. `head_dim_multiple` pads D and Dv.
   `launch`: Triton warps/stages (None: `gpu_triton.default_launch`).
+  `bwd_blocks`: the backward kernels' tiles when they differ from the
+  forward's (the fastest tiles differ per pass on GPUs); a second block
+  schedule is built for them. Not with a block mask, whose blocks are fixed.
   """
   b, tq, hq, d = q.shape
   tk, dv = k.shape[1], v.shape[3]
   m = mask_args
-  tq_pad, tk_pad = _round_up(tq, block_q), _round_up(tk, block_k)
+  if bwd_blocks is not None and m.block_mask is not None and bwd_blocks != (block_q, block_k):
+    raise ValueError(f"bwd_blocks {bwd_blocks} differ from the block mask's tiles"
+                     f" {(block_q, block_k)}")
+  bwd_q, bwd_k = bwd_blocks or (block_q, block_k)
+  tq_pad = _round_up(tq, math.lcm(block_q, bwd_q))
+  tk_pad = _round_up(tk, math.lcm(block_k, bwd_k))
   spec = tile.TileSpec(
       scale=float(d ** -0.5 if scale is None else scale),
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
@@ -126,25 +142,37 @@ def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = 
       has_segments=m.q_segment_ids is not None,
       has_distance_bias=distance_bias is not None, has_sinks=sinks is not None)
   tokens = token_arrays(m, b, tq, tk, tq_pad, tk_pad, need_positions=spec.has_positions)
-  block_mask = schedule.block_mask_from_mask(m, tq, tk, block_q, block_k, b)
-  if m.block_mask is not None:
-    block_mask = block_mask & m.block_mask
-  sched = schedule.from_block_mask(block_mask)
+  sched = _schedule(m, tq, tk, tq_pad, tk_pad, block_q, block_k, b)
+  bwd_sched = sched
+  if (bwd_q, bwd_k) != (block_q, block_k):
+    bwd_sched = _schedule(m, tq, tk, tq_pad, tk_pad, bwd_q, bwd_k, b)
   params = head_params(hq, distance_bias, sinks)
   d_pad = _round_up(d, head_dim_multiple)
   dv_pad = _round_up(dv, head_dim_multiple)
   pad4 = lambda x, t, dd: jnp.pad(  # noqa: E731
       x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, dd - x.shape[3])))
   if kernel == "triton" and launch is None:
-    launch = gpu_triton.default_launch(d_pad, block_q, block_k)
+    launch = gpu_triton.default_launch(d_pad)
   static = _Static(spec, kernel, block_q, block_k, interpret,
-                   launch if kernel == "triton" else None)
+                   launch if kernel == "triton" else None,
+                   *((bwd_q, bwd_k) if bwd_sched is not sched else (None, None)))
   out, lse = _flash(static, pad4(q, tq_pad, d_pad), pad4(k, tk_pad, d_pad),
-                    pad4(v, tk_pad, dv_pad), params, tokens, sched)
+                    pad4(v, tk_pad, dv_pad), params, tokens, sched, bwd_sched)
   out = out[:, :tq, :, :dv]
   if return_lse:
     return out, lse[:, :, :tq]
   return out
+
+
+def _schedule(m, tq, tk, tq_pad, tk_pad, block_q, block_k, batch) -> schedule.BlockSchedule:
+  """The block schedule at these tiles; blocks of padding past whole tiles are empty."""
+  block_mask = schedule.block_mask_from_mask(m, tq, tk, block_q, block_k, batch)
+  if m.block_mask is not None:
+    block_mask = block_mask & m.block_mask
+  nq, nk = block_mask.shape[2:]
+  block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, tq_pad // block_q - nq),
+                                    (0, tk_pad // block_k - nk)))
+  return schedule.from_block_mask(block_mask)
 
 
 def _triton_lists(indices, counts):
@@ -171,17 +199,19 @@ def _run_forward(st: _Static, q, k, v, params, tokens, sched):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, params, tokens, sched):
+def _flash(st, q, k, v, params, tokens, sched, bwd_sched):
+  del bwd_sched
   return _run_forward(st, q, k, v, params, tokens, sched)
 
 
-def _flash_fwd(st, q, k, v, params, tokens, sched):
+def _flash_fwd(st, q, k, v, params, tokens, sched, bwd_sched):
   out, lse = _run_forward(st, q, k, v, params, tokens, sched)
-  return (out, lse), (q, k, v, params, tokens, sched, out, lse)
+  return (out, lse), (q, k, v, params, tokens, bwd_sched, out, lse)
 
 
 def _flash_bwd(st, res, cotangents):
-  q, k, v, params, tokens, sched, out, lse = res
+  q, k, v, params, tokens, sched, out, lse = res  # sched: the backward's
+  block_q, block_k = st.bwd_blocks
   do, dlse = cotangents
   delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1)  # [B, Tq, Hq]
   delta = jnp.swapaxes(delta, 1, 2) - dlse.astype(_F32)  # [B, Hq, Tq]
@@ -190,12 +220,12 @@ def _flash_bwd(st, res, cotangents):
     dq, dk, dv, dparam_rows = gpu_triton.backward(
         st.spec, q, k, v, params, tokens, _triton_lists(sched.indices, sched.counts),
         _triton_lists(sched.t_indices, sched.t_counts), do, lse_b, delta,
-        block_q=st.block_q, block_k=st.block_k, interpret=st.interpret, launch=st.launch)
+        block_q=block_q, block_k=block_k, interpret=st.interpret, launch=st.launch)
   else:
     dq, dk, dv, dparam_rows = tpu.backward(
         st.spec, _bhtd(q), _bhtd(k), _bhtd(v), params, tokens, sched.counts, sched.indices,
         sched.t_counts, sched.t_indices, _bhtd(do), lse_b[..., None], delta[..., None],
-        block_q=st.block_q, block_k=st.block_k, interpret=st.interpret)
+        block_q=block_q, block_k=block_k, interpret=st.interpret)
     dq, dk, dv = _bhtd(dq), _bhtd(dk), _bhtd(dv)
   dparams = jnp.zeros_like(params)
   if dparam_rows is not None:
@@ -203,7 +233,7 @@ def _flash_bwd(st, res, cotangents):
   if st.spec.has_sinks:
     sink = params[:, tile.SINK][None, :, None]
     dparams = dparams.at[:, tile.SINK].set(-jnp.sum(jnp.exp(sink - lse) * delta, axis=(0, 2)))
-  return dq, dk, dv, dparams, None, None
+  return dq, dk, dv, dparams, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -254,9 +284,23 @@ class PallasFlashBackend:
     else:
       fit_q, fit_k = (lambda t: _round_up(t, 8)), (lambda t: _round_up(t, 128))
     default_q, default_k = (128, 128) if self.kernel == "tpu" else (64, 64)
+    if self._triton_tuned(call):
+      default_q = 128  # measured on an H100: bench/results/flash_triton_tuning.jsonl
     bq = call.block_q or min(default_q, fit_q(call.q_len))
     bk = call.block_k or min(default_k, fit_k(call.kv_len))
     return bq, bk
+
+  def _triton_tuned(self, call) -> bool:
+    """Compiled Triton with default tiles at head dims <= 128: forward and backward tiles differ."""
+    return (self.kernel == "triton" and not self.interpret and call.block_q is None
+            and call.block_k is None and call.block_shape is None
+            and max(call.head_dim, call.v_head_dim) <= 128)
+
+  def bwd_blocks(self, call) -> Optional[Tuple[int, int]]:
+    """The backward kernels' tiles where they differ from the forward's, else None."""
+    if not self._triton_tuned(call):
+      return None
+    return min(64, _next_pow2(max(call.q_len, 16))), min(64, _next_pow2(max(call.kv_len, 16)))
 
   def is_supported(self, call) -> Tuple[bool, str]:
     reason = _common_refusal(call)
@@ -298,7 +342,7 @@ class PallasFlashBackend:
     return attention(q, k, v, mask_args=mask_args, scale=scale, logits_soft_cap=logits_soft_cap,
                      sinks=sinks, distance_bias=distance_bias, return_lse=return_lse,
                      block_q=bq, block_k=bk, kernel=self.kernel, interpret=self.interpret,
-                     head_dim_multiple=multiple)
+                     head_dim_multiple=multiple, bwd_blocks=self.bwd_blocks(call))
 
 
 PALLAS_TPU = PallasFlashBackend("pallas_tpu", "tpu", interpret=False)

@@ -29,13 +29,13 @@ B, T, HQ, HKV, D = 2, 37, 4, 2, 8
 _segments = packed_segments  # B = 2 rows
 
 
-def _fast(kernel, block_q=8, block_k=16, on_gpu=False):
+def _fast(kernel, block_q=8, block_k=16, on_gpu=False, bwd_blocks=None):
   def fast(q, k, v, *, mask_args, bias, **kw):
     assert bias is None
     if mask_args is None:
       mask_args = masking.MaskArgs()
     return pallas.attention(q, k, v, mask_args=mask_args, block_q=block_q, block_k=block_k,
-                            kernel=kernel, interpret=not on_gpu, **kw)
+                            kernel=kernel, interpret=not on_gpu, bwd_blocks=bwd_blocks, **kw)
   return fast
 
 
@@ -63,6 +63,24 @@ def test_mask_kinds(kernel, kind):
   q, k, v, do = inputs(B, T, T, HQ, HKV, D)
   mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
   compare(_fast(kernel), q, k, v, do, mask_args=mask_args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["combined", "window_left_right", "padding_empty_batch_row"])
+def test_backward_tiles_differ_from_forward(kernel, kind):
+  """The backward on its own block schedule (the GPU default): T pads to both tilings."""
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, seed=3)
+  mask_args = masking.make_mask_args(B, T, T, num_heads=HQ, **MASKS[kind])
+  compare(_fast(kernel, block_q=16, block_k=8, bwd_blocks=(8, 32)), q, k, v, do,
+          mask_args=mask_args, sinks=jnp.array([0.5, -1.0, 2.0, 0.0]), return_lse=True)
+
+
+def test_backward_tiles_must_match_a_block_mask():
+  q, k, v, _ = inputs(1, 32, 32, 2, 2, D)
+  mask_args = masking.MaskArgs(block_mask=jnp.ones((1, 1, 2, 4), bool), block_shape=(16, 8))
+  with pytest.raises(ValueError, match="bwd_blocks"):
+    pallas.attention(q, k, v, mask_args=mask_args, block_q=16, block_k=8, kernel="triton",
+                     interpret=True, bwd_blocks=(8, 8))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -181,6 +199,18 @@ def _call(**kw):
   q, k, v, _ = inputs(1, 16, 16, 2, 1, 8)
   mask_args = masking.make_mask_args(1, 16, 16, **kw.pop("mask", {}))
   return api.describe_call(q, k, v, mask_args=mask_args, **kw)
+
+
+@pytest.mark.parametrize("head_dim,fwd,bwd", [(128, (128, 64), (64, 64)), (64, (128, 64), (64, 64)),
+                                              (256, (64, 64), None)])
+def test_triton_default_tiles_per_pass(head_dim, fwd, bwd):
+  """Compiled Triton's own tiles (measured on an H100) differ per pass up to D = 128."""
+  shape = jax.ShapeDtypeStruct((1, 4096, 2, head_dim), jnp.bfloat16)
+  call = api.describe_call(shape, shape, shape, mask_args=masking.make_mask_args(1, 4096, 4096))
+  assert pallas.PALLAS_TRITON.blocks(call) == fwd
+  assert pallas.PALLAS_TRITON.bwd_blocks(call) == bwd
+  assert pallas.PALLAS_INTERPRET.bwd_blocks(call) is None
+  assert pallas.PALLAS_TRITON.bwd_blocks(dataclasses.replace(call, block_q=32)) is None
 
 
 def test_auto_on_cpu_is_xla_and_pallas_means_interpret():
@@ -314,6 +344,22 @@ def test_triton_compiled(kind, dtype):
   # Triton's float32 dots may run as TF32 (10-bit mantissa) on the GPU.
   compare(_fast("triton", 16, 16, on_gpu=True), q, k, v, do, mask_args=mask_args,
           tol=BF16_TOL if dtype == jnp.bfloat16 else 5e-3)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+def test_triton_default_tiles_compiled(head_dim):
+  """The backend's own tiles and launch settings (tuned at D <= 128), odd length, GQA, grads."""
+  t = 1000
+  q, k, v, do = inputs(1, t, t, 4, 2, head_dim, dtype=jnp.bfloat16)
+  mask_args = masking.make_mask_args(1, t, t, is_causal=True)
+
+  def fast(q, k, v, *, mask_args, bias, **kw):
+    del mask_args, bias
+    return flash_attention(q, k, v, is_causal=True, implementation="pallas_triton", **kw)
+
+  compare(fast, q, k, v, do, mask_args=mask_args, tol=BF16_TOL)
 
 
 @pytest.mark.gpu
