@@ -48,17 +48,20 @@ class Launch:
   bwd_stages: int = 2
 
 
-def default_launch(head_dim: int) -> Launch:
+def default_launch(head_dim: int, block_q: int, block_k: int) -> Launch:
   """Settings measured on an H100 (bench/results/flash_triton_tuning.jsonl).
 
   At B=1, T=8192, H=16, D=128, bf16 the forward was fastest at tiles (128, 64)
   with 4 warps and 4 stages, the backward at (64, 64) with 4 warps and 3
-  stages (8 warps: up to 1.5x slower). Larger head dims keep the untuned
-  settings, whose shared memory fits at D=256.
+  stages; 128x128 tiles (block-sparse's default) need 8 warps (forward 3
+  stages, backward 2): with 4 they ran 1.7-1.9x slower. Head dims above 128
+  keep the untuned settings, whose shared memory fits at D=256.
   """
-  if head_dim <= 128:
-    return Launch(fwd_warps=4, fwd_stages=4, bwd_warps=4, bwd_stages=3)
-  return Launch()
+  if head_dim > 128:
+    return Launch()
+  if block_q * block_k >= 128 * 128:
+    return Launch(fwd_warps=8, fwd_stages=3, bwd_warps=8, bwd_stages=2)
+  return Launch(fwd_warps=4, fwd_stages=4, bwd_warps=4, bwd_stages=3)
 
 
 def _compiler_params(num_warps: int, num_stages: int):

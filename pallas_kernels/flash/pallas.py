@@ -152,7 +152,7 @@ def attention(q, k, v, *, mask_args: masking.MaskArgs, scale: Optional[float] = 
   pad4 = lambda x, t, dd: jnp.pad(  # noqa: E731
       x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, dd - x.shape[3])))
   if kernel == "triton" and launch is None:
-    launch = gpu_triton.default_launch(d_pad)
+    launch = gpu_triton.default_launch(d_pad, block_q, block_k)
   static = _Static(spec, kernel, block_q, block_k, interpret,
                    launch if kernel == "triton" else None,
                    *((bwd_q, bwd_k) if bwd_sched is not sched else (None, None)))
