@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.flash import api, masking
 from tests.numerics import rel_err
 from zoo.language.llama import DecoderLM, LMConfig, parse_pattern
 from zoo.registry import build_model
@@ -44,6 +45,31 @@ def test_pallas_kernel_path_equals_xla(positional):
   assert rel_err(p_logits, logits) < 1e-5
   for g, pg in zip(jax.tree.leaves(grads), jax.tree.leaves(p_grads)):
     assert rel_err(pg, g) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_auto_takes_the_gpu_kernel_and_matches_xla(positional):
+  """On a GPU, implementation="auto" runs the compiled Pallas kernel inside the model."""
+  q = jax.ShapeDtypeStruct((2, 256, 4, 8), jnp.float32)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 8), jnp.float32)
+  call = api.describe_call(q, kv, kv,
+                           mask_args=masking.make_mask_args(2, 256, 256, is_causal=True))
+  assert api.select_backend(call, "auto").name == "pallas_triton"
+  toks = jax.random.randint(jax.random.key(3), (2, 256), 0, 50)
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(toks))[..., 0])
+
+  outs = []
+  for impl in ("xla", "auto"):
+    model = tiny(positional=positional, implementation=impl)
+    outs.append(nnx.jit(lambda m: (m(toks), nnx.grad(loss)(m)))(model))
+  (logits, grads), (p_logits, p_grads) = outs
+  # Triton runs float32 dots as TF32 (10-bit mantissa) on the GPU.
+  assert rel_err(p_logits, logits) < 5e-3
+  for g, pg in zip(jax.tree.leaves(grads), jax.tree.leaves(p_grads)):
+    assert rel_err(pg, g) < 2e-2
 
 
 def test_packed_equals_separate_documents():
