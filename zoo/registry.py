@@ -12,7 +12,12 @@ def _llama_lm(model_cfg, rngs: nnx.Rngs):
   return DecoderLM(LMConfig.from_config(model_cfg), rngs=rngs)
 
 
-MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm}
+def _modernbert(model_cfg, rngs: nnx.Rngs):
+  from zoo.language.encoder import build
+  return build(model_cfg, rngs)
+
+
+MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert}
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

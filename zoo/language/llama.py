@@ -24,13 +24,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import registry as attention_registry
-from layers.attention.config import AttentionConfig, parse_options
+from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL
 from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
+from zoo.model_config import from_model_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -85,16 +86,7 @@ class LMConfig:
   @classmethod
   def from_config(cls, model_cfg) -> "LMConfig":
     """From the `config.model` ConfigDict; unknown fields are an error naming them."""
-    d = {k: v for k, v in dict(model_cfg).items() if k != "name"}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"unknown model fields for llama_lm: {['model.' + u for u in unknown]}")
-    if "attention_options" in d:
-      d["attention_options"] = tuple(sorted(parse_options(d["attention_options"]).items()))
-    if d.get("vocab_size") is None:
-      raise ValueError("model.vocab_size is not set (the loop fills it from the dataset)")
-    return cls(**d)
+    return from_model_config(cls, model_cfg, model="llama_lm", required=("vocab_size",))
 
   def attention_config(self, layer: int) -> AttentionConfig:
     """Every layer shares the head layout; the family, and under positional="nope_hybrid" the

@@ -1,8 +1,9 @@
 """Evaluation: held-out metrics of a task over one deterministic pass of a split.
 
 Metric sums are accumulated over batches (padding rows carry weight 0) and
-turned into means once (`tasks.finalize`): loss, perplexity, token accuracy,
-and exact match for recall data.
+turned into means once, by the task (`Task.finalize`): for language models
+loss, perplexity, token accuracy and exact match for recall data; for
+classifiers loss and accuracy.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import numpy as np
 
 import zoo.data
 from zoo.training import sharding as shd
-from zoo.training.tasks import finalize
 
 
 def eval_step_fn(setup, task):
-  return jax.jit(lambda params, batch: task(setup.merge(params), batch)[1])
+  # A fixed key: every evaluation of a run (and of its resumption) sees the same draws.
+  return jax.jit(lambda params, batch: task(setup.merge(params), batch, jax.random.key(0))[1])
 
 
-def run_eval(config, data_cfg, params, eval_step, batch_sharding, *,
+def run_eval(config, task, data_cfg, params, eval_step, batch_sharding, *,
              max_batches: int = 0) -> Dict[str, float]:
   """Metrics over data_cfg's eval split (data.eval_split), at most max_batches (0: all)."""
   split = data_cfg.get("eval_split", "validation")
@@ -30,7 +31,7 @@ def run_eval(config, data_cfg, params, eval_step, batch_sharding, *,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed, train=False,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   totals = None
-  batches = _aligned_across_hosts(it, config.batch_size // jax.process_count(), config.seq_len)
+  batches = _aligned_across_hosts(it)
   for i, local in enumerate(batches):
     if max_batches and i >= max_batches:
       break
@@ -38,25 +39,29 @@ def run_eval(config, data_cfg, params, eval_step, batch_sharding, *,
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   if totals is None:
     raise ValueError(f"split {split!r} of data.name={data_cfg.name!r} yielded no batches")
-  return finalize({k: float(np.asarray(v)) for k, v in totals.items()},
-                  exact_match=zoo.data.config.is_synthetic(data_cfg.name))
+  return task.finalize({k: float(np.asarray(v)) for k, v in totals.items()}, data_cfg)
 
 
-def _aligned_across_hosts(it, batch: int, seq_len: int):
+def _aligned_across_hosts(it):
   """Host shards of an eval split can differ in length; every host must join every
-  global batch, so a host that ran out contributes all-zero (weight 0) rows."""
+  global batch, so a host that ran out contributes all-zero (weight 0) rows shaped
+  like the batches it saw."""
   if jax.process_count() == 1:
     yield from it
     return
   from jax.experimental import multihost_utils
   it = iter(it)
+  template = None
   while True:
     local = next(it, None)
     if not multihost_utils.process_allgather(np.array(local is not None)).any():
       return
     if local is None:
-      local = {k: np.zeros((batch, seq_len), np.float32 if k == "weights" else np.int32)
-               for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
+      if template is None:
+        raise ValueError("this host's shard of the eval split is empty while others are not; "
+                         "use fewer hosts or a larger eval split")
+      local = {k: np.zeros_like(v) for k, v in template.items()}
+    template = local
     yield local
 
 
@@ -91,10 +96,11 @@ def evaluate_checkpoint(workdir: str, *, config=None, tasks=None, step=None) -> 
   setup = make_model_setup(config, mesh)
   state, _ = ckpt.restore(checkpointing.abstract_like(init_train_state(setup, mesh)), step)
   ckpt.close()
-  eval_step = eval_step_fn(setup, get_task(config.task))
+  task = get_task(config.task)
+  eval_step = eval_step_fn(setup, task)
   results = {"step": int(step), "workdir": workdir}
   for t in tasks:
-    results[t] = run_eval(config, data_cfgs[t], state["params"], eval_step,
+    results[t] = run_eval(config, task, data_cfgs[t], state["params"], eval_step,
                           shd.batch_sharding(mesh),
                           max_batches=int(config.get("eval_batches", 0)) if t == "text" else 0)
   if jax.process_index() == 0:

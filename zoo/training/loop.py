@@ -48,14 +48,15 @@ def resolve_config(config):
     if accum <= 0 or config.batch_size % accum:
       raise ValueError(
           f"grad_accum_steps={accum} must be positive and divide batch_size={config.batch_size}")
-    get_task(config.task)
-    data_vocab = zoo.data.vocab_size(config.data)
-    if config.model.get("vocab_size") is None:
-      config.model.vocab_size = data_vocab
-    elif config.model.vocab_size < data_vocab:
-      raise ValueError(
-          f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of "
-          f"data.name={config.data.name!r} ({data_vocab})")
+    task = get_task(config.task)
+    # What the data decides (vocab_size, num_classes) fills the model config where unset.
+    for field, from_data in task.model_values(config.data).items():
+      if config.model.get(field) is None:
+        config.model[field] = from_data
+      elif config.model[field] < from_data:
+        raise ValueError(
+            f"model.{field}={config.model[field]} is smaller than the {field} of "
+            f"data.name={config.data.name!r} ({from_data})")
     max_len = config.model.get("max_seq_len")
     if max_len is not None and config.seq_len > max_len:
       raise ValueError(f"seq_len={config.seq_len} exceeds model.max_seq_len={max_len}")
@@ -77,40 +78,42 @@ def _check_batch_layout(config, mesh) -> int:
 
 
 def make_train_step(setup, task, config, schedule):
+  """One optimiser step: gradients of the task's objective, summed over micro-batches and
+  divided by the task's unit count (`weight_sum`), so accumulation equals one large batch."""
   accum = int(config.get("grad_accum_steps", 1))
 
-  def loss_sum(params, mb):
-    _, sums = task(setup.merge(params), mb)
+  def loss_sum(params, mb, rng):
+    _, sums = task(setup.merge(params), mb, rng)
     return objective_sum(sums), sums
 
   grad_fn = jax.grad(loss_sum, has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
+    rng = jax.random.fold_in(jax.random.key(int(config.seed)), state["step"])
     if accum == 1:
-      grads, sums = grad_fn(params, batch)
+      grads, sums = grad_fn(params, batch, rng)
     else:
       # [B, ...] -> [accum, B/accum, ...], keeping each device's rows on that device.
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1),
           batch)
 
-      def body(carry, mb):
-        g, s = grad_fn(params, mb)
+      def body(carry, xs):
+        mb, i = xs
+        g, s = grad_fn(params, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params,
-                                                          jax.tree.map(lambda x: x[0], micro)))
-      (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": sums["loss_sum"] / denom, "aux_loss": sums["aux_loss_sum"] / denom,
-               "accuracy": sums["correct_sum"] / denom,
-               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
-               "tokens": sums["weight_sum"]}
+    metrics = dict(task.step_metrics(sums), grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state["step"]))
     return new_state, metrics
 
   return train_step
@@ -150,8 +153,8 @@ def train(config, workdir: str) -> Dict[str, float]:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_json)
-  tokens_per_step = config.batch_size * config.seq_len
-  flops_per_token = setup.abstract_model.train_flops_per_token(config.seq_len)
+  units_per_step = task.units_per_step(config)
+  flops_per_step = task.train_flops_per_step(setup.abstract_model, config)
   peak = config.get("peak_flops_per_device") or measured_peak_flops(config.model.dtype)
   peak_total = peak * jax.device_count()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
@@ -168,29 +171,29 @@ def train(config, workdir: str) -> Dict[str, float]:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.perf_counter()
       dt = (now - t_last) / (step - step_last)
-      m["tokens_per_s"] = tokens_per_step / dt
-      m["mfu"] = flops_per_token * m["tokens_per_s"] / peak_total
+      m[f"{task.unit}_per_s"] = units_per_step / dt
+      m["mfu"] = flops_per_step / dt / peak_total
       m["step_time_s"] = dt
       writer.write(step, "train", m)
       writer.print(progress_line(step, config.total_steps, m, dt * (config.total_steps - step)))
       t_last, step_last = time.perf_counter(), step
     if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-      _evaluate_and_log(config, state["params"], eval_step, batch_sharding, writer, step)
+      _evaluate_and_log(config, task, state["params"], eval_step, batch_sharding, writer, step)
       t_last = time.perf_counter()
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.total_steps:
       ckpt.save(step, state, config_json=config_json, data_iterator=train_iter)
       t_last = time.perf_counter()
 
-  final = _evaluate_and_log(config, state["params"], eval_step, batch_sharding, writer, step,
-                            prefix="final eval")
+  final = _evaluate_and_log(config, task, state["params"], eval_step, batch_sharding, writer,
+                            step, prefix="final eval")
   ckpt.close()
   writer.close()
   return final
 
 
-def _evaluate_and_log(config, params, eval_step, batch_sharding, writer, step,
+def _evaluate_and_log(config, task, params, eval_step, batch_sharding, writer, step,
                       prefix: str = "eval") -> Dict[str, float]:
-  m = run_eval(config, config.data, params, eval_step, batch_sharding,
+  m = run_eval(config, task, config.data, params, eval_step, batch_sharding,
                max_batches=int(config.get("eval_batches", 0)))
   writer.write(step, "eval", m)
   writer.print(f"{prefix} @ step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()))

@@ -27,6 +27,8 @@ def progress_line(step: int, total: int, m: Dict[str, float], eta_s: Optional[fl
     parts.append(f"lr {m['learning_rate']:.2e}")
   if "tokens_per_s" in m:
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+  if "examples_per_s" in m:
+    parts.append(f"{m['examples_per_s']:,.1f} ex/s")
   if "mfu" in m:
     parts.append(f"mfu {100 * m['mfu']:.1f}%")
   if eta_s is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zoo.training.tasks import LMTask, finalize
+from zoo.training.tasks import ClassificationTask, LMTask, finalize
 
 
 class Toy(nnx.Module):
@@ -44,3 +44,31 @@ def test_sowed_aux_loss_is_added():
   m = finalize(jax.device_get(sums))
   np.testing.assert_allclose(m["aux_loss"], 0.25, rtol=1e-6)
   np.testing.assert_allclose(m["loss"], plain, rtol=1e-6)  # perplexity is of the tokens only
+
+
+class Linear2Logits(nnx.Module):
+  def __init__(self, num_classes: int):
+    self.w = nnx.Param(jax.random.normal(jax.random.key(1), (3, num_classes)))
+
+  def __call__(self, images):
+    return jnp.mean(images, axis=(1, 2)) @ self.w[...]
+
+
+def test_classification_is_weighted_example_mean_with_top5():
+  rng = np.random.default_rng(0)
+  b = {"image": rng.normal(size=(6, 4, 4, 3)).astype(np.float32),
+       "label": rng.integers(0, 8, 6).astype(np.int32),
+       "weights": np.array([1, 1, 1, 1, 0, 0], np.float32)}
+  model = Linear2Logits(8)
+  task = ClassificationTask()
+  loss, sums = task(model, b)
+  logits = np.asarray(model(b["image"]))
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["label"])
+  np.testing.assert_allclose(loss, np.sum(ce * b["weights"]) / 4, rtol=1e-6)
+  rank = np.argsort(-logits, axis=-1)
+  top1 = rank[:, 0] == b["label"]
+  top5 = np.array([b["label"][i] in rank[i, :5] for i in range(6)])
+  m = task.finalize(jax.device_get(sums))
+  assert m["examples"] == 4
+  np.testing.assert_allclose(m["accuracy"], top1[:4].mean())
+  np.testing.assert_allclose(m["top5_accuracy"], top5[:4].mean())

@@ -1,19 +1,10 @@
-"""Tasks adapt a model to the loop: a task turns (model, batch) into (loss, metrics).
+"""Language-model tasks: next-token prediction on text and on synthetic recall data.
 
-`lm`: next-token prediction, mean cross-entropy over tokens with weight > 0.
+`lm`: mean cross-entropy over tokens with weight > 0.
 `recall`: synthetic recall (MQAR, passkey, selective copy) is the same
 next-token objective; its data sets weight 1 on answer tokens only, so the
 same sums give answer accuracy, and `exact_match` (every answer token of an
 example right) is the task's headline metric.
-
-Auxiliary losses: a layer may report one with
-`self.sow(nnx.Intermediate, "aux_loss", value)` (e.g. a router's load-balance
-loss); the task captures every `aux_loss` of the forward pass and adds their
-sum to the mean token loss.
-
-Metrics are returned as *sums* (loss_sum, weight_sum, correct_sum, ...) so
-they add up across micro-batches, devices and eval batches without bias; the
-loop divides at the end (`finalize`).
 """
 
 from __future__ import annotations
@@ -23,7 +14,9 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+
+from zoo.data.config import is_synthetic
+from zoo.training.tasks.base import Task, forward_with_aux, objective_sum
 
 
 def lm_sums(logits: jax.Array, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
@@ -41,17 +34,12 @@ def lm_sums(logits: jax.Array, batch: Dict[str, jax.Array]) -> Dict[str, jax.Arr
   }
 
 
-def forward_with_aux(model, *args, **kwargs) -> Tuple[jax.Array, jax.Array]:
-  """model(*args, **kwargs) and the sum of the `aux_loss` values its layers sowed."""
-  out, intermediates = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
-  aux = [v for path, v in jax.tree_util.tree_leaves_with_path(intermediates)
-         if any(getattr(k, "key", None) == "aux_loss" for k in path)]
-  return out, sum((jnp.sum(a) for a in aux), jnp.zeros((), jnp.float32))
+class LMTask(Task):
+  unit = "tokens"
+  model_fields = ("vocab_size",)
 
-
-class LMTask:
-
-  def __call__(self, model, batch) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(self, model, batch, rng=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    del rng
     logits, aux = forward_with_aux(model, batch["inputs"], segment_ids=batch.get("segment_ids"),
                                    positions=batch.get("positions"))
     sums = lm_sums(logits, batch)
@@ -59,19 +47,8 @@ class LMTask:
     sums["aux_loss_sum"] = aux * sums["weight_sum"]
     return objective_sum(sums) / jnp.maximum(sums["weight_sum"], 1.0), sums
 
-
-def objective_sum(sums: Dict[str, jax.Array]) -> jax.Array:
-  """What training minimises, as a sum over tokens: cross-entropy plus aux losses."""
-  return sums["loss_sum"] + sums.get("aux_loss_sum", 0.0)
-
-
-TASKS = {"lm": LMTask, "recall": LMTask}
-
-
-def get_task(name: str):
-  if name not in TASKS:
-    raise ValueError(f"unknown task {name!r} (config.task); choose one of {sorted(TASKS)}")
-  return TASKS[name]()
+  def finalize(self, sums, data_cfg=None) -> Dict[str, float]:
+    return finalize(sums, exact_match=data_cfg is not None and is_synthetic(data_cfg.name))
 
 
 def finalize(sums: Dict[str, float], *, exact_match: bool = False) -> Dict[str, float]:

@@ -1,0 +1,26 @@
+"""Tasks adapt a model to the loop; `config.task` names one (see base.py for the protocol).
+
+    lm              next-token LM on text (tokens)                     lm.py
+    recall          next-token LM on synthetic recall data; exact match lm.py
+    mlm             masked LM, BERT's 80/10/10 corruption (tokens)      mlm.py
+    classification  images -> labels (examples)                         classification.py
+"""
+
+from __future__ import annotations
+
+from zoo.training.tasks.base import Task, forward_with_aux, objective_sum
+from zoo.training.tasks.classification import ClassificationTask
+from zoo.training.tasks.lm import LMTask, finalize, lm_sums
+from zoo.training.tasks.mlm import MLMTask
+
+TASKS = {"lm": LMTask, "recall": LMTask, "mlm": MLMTask, "classification": ClassificationTask}
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r} (config.task); choose one of {sorted(TASKS)}")
+  return TASKS[name]()
+
+
+__all__ = ["ClassificationTask", "LMTask", "TASKS", "Task", "finalize", "forward_with_aux",
+           "MLMTask", "get_task", "lm_sums", "objective_sum"]
