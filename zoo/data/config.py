@@ -16,13 +16,17 @@ import ml_collections
 from zoo.data.builders.mqar import TASK as MQAR
 from zoo.data.builders.passkey import TASK as PASSKEY
 from zoo.data.builders.selective_copy import TASK as SELECTIVE_COPY
+from zoo.data.builders.shapes import TASK as SHAPES
 
 DATA_DIR_ENV = "ATTENTION_ZOO_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/attention_zoo/tfds"
 TEXT_CORPORA = ("pydoc_text",)
 SYNTHETIC_TASKS = {task.name: task for task in (MQAR, PASSKEY, SELECTIVE_COPY)}
+# Our generated image datasets; their settings are sub-configs like the synthetic tasks'.
+IMAGE_DATASETS = {SHAPES.name: SHAPES}
 TFDS_PREFIX = "tfds:"
-VALID_NAMES = TEXT_CORPORA + tuple(SYNTHETIC_TASKS) + (TFDS_PREFIX + "<name>[/<config>][:<version>]",)
+VALID_NAMES = (TEXT_CORPORA + tuple(SYNTHETIC_TASKS) + tuple(IMAGE_DATASETS)
+               + (TFDS_PREFIX + "<name>[/<config>][:<version>]",))
 
 
 def default_data_dir() -> str:
@@ -36,7 +40,7 @@ def resolve_data_dir(data_dir: str | None) -> str:
 
 def check_name(name: str) -> str:
   if not isinstance(name, str) or not (
-      name in TEXT_CORPORA or name in SYNTHETIC_TASKS
+      name in TEXT_CORPORA or name in SYNTHETIC_TASKS or name in IMAGE_DATASETS
       or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX))):
     raise ValueError(f"unknown dataset data.name={name!r}; valid names: {', '.join(VALID_NAMES)}")
   return name
@@ -64,10 +68,15 @@ def default_data_config(name: str = "pydoc_text") -> ml_collections.ConfigDict:
   c.add_eos = True
   c.shuffle_window = ml_collections.config_dict.placeholder(int)
   c.read_threads = 2
+  c.image_key = "image"
+  c.label_key = "label"
+  # None = chosen by name in `complete`: 'caption' for shapes, no captions for tfds:<name>.
+  c.caption_key = ml_collections.config_dict.placeholder(str)
+  c.image_size = ml_collections.config_dict.placeholder(int)
   c.num_examples = 20_000
   c.num_eval_examples = 1_000
   c.generation_seed = 0
-  for task in SYNTHETIC_TASKS.values():
+  for task in (*SYNTHETIC_TASKS.values(), *IMAGE_DATASETS.values()):
     c[task.name] = ml_collections.ConfigDict(dict(task.defaults))
   return c
 
@@ -101,6 +110,10 @@ def complete(data_cfg) -> ml_collections.ConfigDict:
     # Text rows cut from one long document are consecutive; a window shuffle
     # after packing spreads them over batches. Synthetic examples are i.i.d.
     out.shuffle_window = 0 if synthetic else 128
+  if out.caption_key is None:
+    out.caption_key = "caption" if out.name in IMAGE_DATASETS else ""
+  if out.image_size is not None and out.image_size < 1:
+    raise ValueError(f"data.image_size={out.image_size} must be >= 1 (or None: keep the stored size)")
   return out
 
 

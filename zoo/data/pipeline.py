@@ -8,6 +8,12 @@
       -> train, text: window shuffle of the packed rows
       -> batch [batch_size, seq_len]; eval pads the last batch with empty rows
 
+Image datasets share the first three stages, then
+
+      -> image to [S, S, 3] float32 in [-1, 1]         (images.py)
+         caption tokenized into a [seq_len] row, label, weight 1
+      -> batch [batch_size, ...]; eval pads the last batch with all-zero rows
+
 Sharding slices the record index space before shuffling, so host shards are
 disjoint and together cover every record, whatever the seed. Every stage is
 deterministic given (data, seed, shard), and every iterator in the chain
@@ -29,12 +35,14 @@ import grain
 import numpy as np
 
 from zoo.data import config as config_lib
+from zoo.data import images
 from zoo.data import sources
 from zoo.data import tokenizers
 from zoo.data.packing import PackIterDataset
 
 STATE_FORMAT = 1
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+IMAGE_BATCH_KEYS = ("image", "label", "text", "weights")
 
 
 def get_tokenizer(cfg):
@@ -46,16 +54,25 @@ def get_tokenizer(cfg):
 
 
 def check_fits(cfg, seq_len: int) -> None:
-  """Synthetic examples are never cut; their settings must give examples that fit seq_len."""
-  if not config_lib.is_synthetic(cfg.name):
+  """Synthetic examples and generated captions are never cut; their settings must give examples that fit seq_len."""
+  if config_lib.is_synthetic(cfg.name):
+    task = config_lib.SYNTHETIC_TASKS[cfg.name]
+    length = task.example_length(task.settings(cfg[cfg.name].to_dict()))
+  elif cfg.name in config_lib.IMAGE_DATASETS and cfg.caption_key and cfg.tokenizer in ("", None, tokenizers.BYTES):
+    # The longest caption in bytes is known from the settings; other
+    # tokenizers are checked caption by caption (`_image_example`).
+    task = config_lib.IMAGE_DATASETS[cfg.name]
+    length = task.example_length(task.settings(cfg[cfg.name].to_dict())) - 2 + cfg.add_bos + cfg.add_eos
+  else:
     return
-  task = config_lib.SYNTHETIC_TASKS[cfg.name]
-  settings = task.settings(cfg[cfg.name].to_dict())
-  length = task.example_length(settings)
   if length > seq_len:
-    fields = ", ".join(f"data.{cfg.name}.{k}={v}" for k, v in settings.items())
-    raise ValueError(f"{fields} give examples of {length} tokens, longer than seq_len={seq_len}; "
+    raise ValueError(f"{_settings_of(cfg)} give examples of {length} tokens, longer than seq_len={seq_len}; "
                      f"make the task smaller or seq_len larger")
+
+
+def _settings_of(cfg) -> str:
+  task = config_lib.SYNTHETIC_TASKS.get(cfg.name) or config_lib.IMAGE_DATASETS[cfg.name]
+  return ", ".join(f"data.{cfg.name}.{k}={v}" for k, v in task.settings(cfg[cfg.name].to_dict()).items())
 
 
 def _seed32(seed: int, stream: int) -> int:
@@ -64,25 +81,59 @@ def _seed32(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([int(seed) % (2**63), stream]).generate_state(1)[0])
 
 
-def _text_to_tokens(record, *, text_key: str, tokenizer, bos, eos) -> dict[str, np.ndarray]:
-  ids = tokenizer.encode_array(record[text_key])
+def _encode(text, *, tokenizer, bos, eos) -> np.ndarray:
+  ids = tokenizer.encode_array(text)
   parts = ([np.asarray([bos], np.int32)] if bos is not None else []) + [ids] + (
       [np.asarray([eos], np.int32)] if eos is not None else [])
-  return {"tokens": np.concatenate(parts).astype(np.int32)}
+  return np.concatenate(parts).astype(np.int32)
+
+
+def _text_to_tokens(record, *, text_key: str, tokenizer, bos, eos) -> dict[str, np.ndarray]:
+  return {"tokens": _encode(record[text_key], tokenizer=tokenizer, bos=bos, eos=eos)}
+
+
+def _lookup(record, key: str):
+  # Keys of nested features are paths ('captions/text'), as in sources.
+  for part in key.split("/"):
+    record = record[part]
+  return record
+
+
+def _image_example(record, *, source, tokenizer, bos, eos, seq_len: int, pad_id: int,
+                   too_long: str | None) -> dict[str, np.ndarray]:
+  """One stored example -> {'image' [S, S, 3] float32, 'label' int32, 'text' [seq_len] int32, 'weights' 1.0}."""
+  text = np.full(seq_len, pad_id, np.int32)
+  if source.text_key:
+    caption = _lookup(record, source.text_key)
+    if not isinstance(caption, (str, bytes)):
+      # Several captions per image (coco_captions): the first, so that eval
+      # is deterministic; an image without any gets an empty one.
+      caption = caption[0] if len(caption) else ""
+    ids = _encode(caption, tokenizer=tokenizer, bos=bos, eos=eos)
+    if len(ids) > seq_len and too_long:
+      raise ValueError(f"{too_long} give a caption of {len(ids)} tokens, longer than seq_len={seq_len}; "
+                       "make seq_len larger")
+    # Captions of outside datasets have a long tail; cutting the few long ones
+    # beats failing a run on the first.
+    ids = ids[:seq_len]
+    text[:len(ids)] = ids
+  label = int(_lookup(record, source.label_key)) if source.label_key else -1
+  return {"image": images.to_model_input(_lookup(record, source.image_key), source.image_size),
+          "label": np.int32(label), "text": text, "weights": np.float32(1.0)}
 
 
 def _synthetic_to_tokens(record) -> dict[str, np.ndarray]:
   return {"tokens": np.asarray(record["tokens"], np.int32), "weights": np.asarray(record["weights"], np.float32)}
 
 
-def _stack_and_pad(rows, *, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
-  batch = {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+def _stack_and_pad(rows, *, keys, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+  batch = {k: np.stack([r[k] for r in rows]) for k in keys}
   missing = batch_size - len(rows)
   if missing:
     # Only the last eval batch is short; empty rows (segment 0, weight 0) keep
     # the batch shape static for jit and count for nothing.
     for k, v in batch.items():
-      fill = pad_id if k in ("inputs", "targets") else 0
+      fill = pad_id if k in ("inputs", "targets", "text") else 0
       batch[k] = np.concatenate([v, np.full((missing,) + v.shape[1:], fill, v.dtype)])
   return batch
 
@@ -136,6 +187,9 @@ def build_iterator(data_cfg, *, split: str, seq_len: int, batch_size: int, seed:
   check_fits(cfg, seq_len)
   source = sources.open_source(cfg, split)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  bos = tokenizer.bos_id if cfg.add_bos else None
+  eos = tokenizer.eos_id if cfg.add_eos else None
+  image = source.kind == "image"
 
   ds = grain.MapDataset.source(source.records)
   if shard_count > 1:
@@ -145,26 +199,36 @@ def build_iterator(data_cfg, *, split: str, seq_len: int, batch_size: int, seed:
       raise ValueError(f"data.name={cfg.name!r} split {split!r} has no records for shard {shard_index} of "
                        f"{shard_count}; nothing to train on")
     ds = ds.shuffle(seed=_seed32(seed, 0)).repeat()
-  if source.kind == "text":
-    ds = ds.map(functools.partial(_text_to_tokens, text_key=source.text_key, tokenizer=tokenizer,
-                                  bos=tokenizer.bos_id if cfg.add_bos else None,
-                                  eos=tokenizer.eos_id if cfg.add_eos else None))
+  if image:
+    # Our own captions must fit (check_fits; here for tokenizers other than bytes).
+    too_long = _settings_of(cfg) if cfg.name in config_lib.IMAGE_DATASETS else None
+    ds = ds.map(functools.partial(_image_example, source=source, tokenizer=tokenizer, bos=bos, eos=eos,
+                                  seq_len=seq_len, pad_id=pad_id, too_long=too_long))
+  elif source.kind == "text":
+    ds = ds.map(functools.partial(_text_to_tokens, text_key=source.text_key, tokenizer=tokenizer, bos=bos, eos=eos))
   else:
     ds = ds.map(_synthetic_to_tokens)
   read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=64 if cfg.read_threads else 0)
-  rows = PackIterDataset(ds.to_iter_dataset(read), seq_len=seq_len, split_long=source.kind == "text",
-                         max_segments=None if cfg.packing else 1, pad_id=pad_id,
-                         what="example" if source.kind == "tokens" else "document")
-  if train and cfg.shuffle_window > 1:
-    rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=cfg.shuffle_window,
-                                                       seed=_seed32(seed, 1))
+  if image:
+    # One example per row: nothing to pack, and examples are i.i.d. (no window shuffle).
+    rows = ds.to_iter_dataset(read)
+  else:
+    rows = PackIterDataset(ds.to_iter_dataset(read), seq_len=seq_len, split_long=source.kind == "text",
+                           max_segments=None if cfg.packing else 1, pad_id=pad_id,
+                           what="example" if source.kind == "tokens" else "document")
+    if train and cfg.shuffle_window > 1:
+      rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=cfg.shuffle_window,
+                                                         seed=_seed32(seed, 1))
   batches = rows.batch(batch_size, drop_remainder=False,
-                       batch_fn=functools.partial(_stack_and_pad, batch_size=batch_size, pad_id=pad_id))
+                       batch_fn=functools.partial(_stack_and_pad, keys=IMAGE_BATCH_KEYS if image else BATCH_KEYS,
+                                                  batch_size=batch_size, pad_id=pad_id))
   fingerprint = {
       "dataset": source.full_name, "split": split, "seq_len": seq_len, "batch_size": batch_size,
       "seed": seed if train else None, "train": train, "shard_index": shard_index, "shard_count": shard_count,
-      "packing": bool(cfg.packing), "tokenizer": f"{type(tokenizer).__name__}:{tokenizer.vocab_size}",
+      "packing": bool(cfg.packing) and not image, "tokenizer": f"{type(tokenizer).__name__}:{tokenizer.vocab_size}",
       "text_key": source.text_key, "add_bos": bool(cfg.add_bos), "add_eos": bool(cfg.add_eos),
-      "shuffle_window": int(cfg.shuffle_window) if train else 0,
+      "shuffle_window": int(cfg.shuffle_window) if train and not image else 0,
   }
+  if image:
+    fingerprint.update(image_key=source.image_key, label_key=source.label_key, image_size=source.image_size)
   return DataIterator(batches.__iter__(), fingerprint)

@@ -8,6 +8,9 @@ its module and fails for a builder defined in a bare `.py` file
 - `pydoc_text`: the CPython documentation topics (English text).
 - `mqar`, `passkey`, `selective_copy`: synthetic recall tasks in the byte
   vocabulary, one tfds config per setting (see `synthetic.py`).
+- `shapes`: generated images of coloured shapes with a label and a caption;
+  a `synthetic.Task` too (settings, config names, per-example seeds), with
+  its own features.
 
 `preparation.prepare` builds any of them lazily, once, into a data_dir.
 """

@@ -16,6 +16,10 @@ Each task module (mqar/, passkey/, selective_copy/) defines a `Task`: default
 settings, the exact example length those settings give, a validity check that
 names the offending `data.<task>.<field>`, and `make_example(rng, settings)`.
 
+The image dataset `shapes` reuses `Task` and `SyntheticTaskBuilder` for its
+settings, config names and per-example seeding, with its own features (its
+`example_length` is that of its longest caption).
+
 Different settings must never share files, so the tfds config of a builder is
 named after all of them (`mqar/pairs16-queries16-keylen2-vallen2-train20000-val1000-seed0`)
 and each setting lands in its own directory of data_dir.
