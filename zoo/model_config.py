@@ -1,4 +1,5 @@
-"""From a `config.model` ConfigDict to a model's frozen config dataclass, one way for every model.
+"""What every model config shares: from a `config.model` ConfigDict to a frozen config
+dataclass, per-layer family patterns and dtype names.
 
 Unknown fields are an error naming them (a typo on the command line must not
 be ignored); fields the loop fills from the data (`vocab_size`,
@@ -10,15 +11,19 @@ so the config stays hashable.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Type, TypeVar
+from typing import Sequence, Tuple, Type, TypeVar
 
+import jax.numpy as jnp
+
+from layers.attention import registry as attention_registry
 from layers.attention.config import parse_options
 
 T = TypeVar("T")
 
 
 def from_model_config(cls: Type[T], model_cfg, *, model: str, required: Sequence[str] = ()) -> T:
-  d = {k: v for k, v in dict(model_cfg).items() if k != "name"}
+  d = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+       for k, v in dict(model_cfg).items() if k != "name"}
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - fields)
   if unknown:
@@ -30,3 +35,24 @@ def from_model_config(cls: Type[T], model_cfg, *, model: str, required: Sequence
     if d.get(name) is None:
       raise ValueError(f"model.{name} is not set (the loop fills it from the dataset)")
   return cls(**d)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_pattern(attention, num_layers: int) -> Tuple[str, ...]:
+  """'mha' or 'a,b,c' (or a sequence) -> one family id per layer, the pattern cycled."""
+  ids = [s.strip() for s in attention.split(",")] if isinstance(attention, str) else list(attention)
+  if not ids or any(not i for i in ids):
+    raise ValueError(f"model.attention={attention!r} names no family")
+  known = attention_registry.names()
+  for i in ids:
+    if i not in known:
+      raise ValueError(f"unknown attention family {i!r} in model.attention; registered: {known}")
+  return tuple(ids[l % len(ids)] for l in range(num_layers))
+
+
+def parse_dtype(name: str, field: str):
+  if name not in DTYPES:
+    raise ValueError(f"{field}={name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]

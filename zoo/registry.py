@@ -17,7 +17,12 @@ def _modernbert(model_cfg, rngs: nnx.Rngs):
   return build(model_cfg, rngs)
 
 
-MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert}
+def _vit(model_cfg, rngs: nnx.Rngs):
+  from zoo.vision.vit import build
+  return build(model_cfg, rngs)
+
+
+MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert, "vit": _vit}
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

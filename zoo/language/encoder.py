@@ -41,8 +41,7 @@ from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.language.llama import parse_dtype, parse_pattern
-from zoo.model_config import from_model_config
+from zoo.model_config import from_model_config, parse_dtype, parse_pattern
 
 POOLS = ("mean", "first")
 

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import registry as attention_registry
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL
@@ -31,28 +30,7 @@ from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import from_model_config
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def parse_pattern(attention, num_layers: int) -> Tuple[str, ...]:
-  """'mha' or 'a,b,c' (or a sequence) -> one family id per layer, the pattern cycled."""
-  ids = [s.strip() for s in attention.split(",")] if isinstance(attention, str) else list(attention)
-  if not ids or any(not i for i in ids):
-    raise ValueError(f"model.attention={attention!r} names no family")
-  known = attention_registry.names()
-  for i in ids:
-    if i not in known:
-      raise ValueError(f"unknown attention family {i!r} in model.attention; registered: {known}")
-  return tuple(ids[l % len(ids)] for l in range(num_layers))
-
-
-def parse_dtype(name: str, field: str):
-  if name not in DTYPES:
-    raise ValueError(f"{field}={name!r} is not one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
+from zoo.model_config import from_model_config, parse_dtype, parse_pattern
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:

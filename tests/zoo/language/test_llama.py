@@ -9,7 +9,8 @@ from flax import nnx
 
 from pallas_kernels.flash import api, masking
 from tests.numerics import rel_err
-from zoo.language.llama import DecoderLM, LMConfig, parse_pattern
+from zoo.language.llama import DecoderLM, LMConfig
+from zoo.model_config import parse_pattern
 from zoo.registry import build_model
 
 
