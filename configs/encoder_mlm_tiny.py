@@ -23,7 +23,7 @@ def encoder_config(**model_overrides) -> ml_collections.ConfigDict:
   m.d_model = 256
   m.num_layers = 4
   m.num_heads = 4
-  m.num_kv_heads = 4
+  m.num_kv_heads = ml_collections.config_dict.placeholder(int)  # None: num_heads (MHA)
   m.head_dim = ml_collections.config_dict.placeholder(int)
   m.mlp_dim = 512
   m.mlp_kind = "geglu"
@@ -37,6 +37,7 @@ def encoder_config(**model_overrides) -> ml_collections.ConfigDict:
   m.local_window = 128  # tokens a local layer sees around each query
   m.max_seq_len = 8192
   m.pool = "mean"  # mean | first: the sequence vector (contrastive / retrieval use)
+  m.mlm_head = True  # False for a tower without the prediction head (CLIP's text encoder)
   m.dtype = "float32"
   m.param_dtype = "float32"
   m.implementation = "auto"

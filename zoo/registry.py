@@ -22,7 +22,13 @@ def _vit(model_cfg, rngs: nnx.Rngs):
   return build(model_cfg, rngs)
 
 
-MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert, "vit": _vit}
+def _clip(model_cfg, rngs: nnx.Rngs):
+  from zoo.multimodal.clip import build
+  return build(model_cfg, rngs)
+
+
+MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert, "vit": _vit,
+                               "clip": _clip}
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

@@ -169,5 +169,10 @@ def num_classes(data_cfg) -> int:
   return _sources.num_classes(_config.complete(data_cfg))
 
 
-__all__ = ["build_iterator", "default_data_config", "eval_probe_config", "get_tokenizer", "modality",
-           "num_classes", "vocab_size"]
+def class_names(data_cfg) -> list:
+  """Names of the label values (shapes: 'red circle', ...), e.g. for zero-shot text prompts."""
+  return _sources.class_names(_config.complete(data_cfg))
+
+
+__all__ = ["build_iterator", "class_names", "default_data_config", "eval_probe_config",
+           "get_tokenizer", "modality", "num_classes", "vocab_size"]

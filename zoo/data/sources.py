@@ -127,6 +127,16 @@ def num_classes(cfg) -> int:
   return int(label.num_classes)
 
 
+def class_names(cfg) -> list[str]:
+  """The label names of the dataset `cfg` (zero-shot prompts, reports); [] when it has no labels."""
+  if cfg.name in IMAGE_BUILDERS:
+    return list(IMAGE_BUILDERS[cfg.name].class_names)
+  if not num_classes(cfg):
+    return []
+  features = _tfds_builder(cfg).info.features
+  return list(_feature(features, cfg.label_key, "data.label_key", cfg.label_key, cfg.name).names)
+
+
 def _is_image_dataset(builder, cfg) -> bool:
   return bool(cfg.image_key) and _has_feature(builder.info.features, cfg.image_key)
 

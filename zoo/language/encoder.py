@@ -66,6 +66,7 @@ class EncoderConfig:
   local_window: int = 128  # tokens a local layer sees around each query (half each side)
   max_seq_len: int = 8192
   pool: str = "mean"
+  mlm_head: bool = True  # False for a tower (CLIP's text encoder): no prediction head
   dtype: str = "float32"
   param_dtype: str = "float32"
   implementation: str = "auto"
@@ -120,10 +121,15 @@ class TextEncoder(nnx.Module):
                          norm_eps=cfg.norm_eps, rngs=rngs)
         for l in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-    self.head_dense = Linear(cfg.d_model, cfg.d_model, axes=("embed", "mlp"), dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
-    self.head_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-    self.head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), param_dtype), logical_axes=("vocab",))
+    if not cfg.mlm_head:
+      self.head_dense = self.head_norm = self.head_bias = None
+    else:
+      self.head_dense = Linear(cfg.d_model, cfg.d_model, axes=("embed", "mlp"), dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+      self.head_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
+                                 param_dtype=param_dtype)
+      self.head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), param_dtype),
+                                 logical_axes=("vocab",))
 
   @property
   def mask_token_id(self) -> int:
@@ -152,6 +158,8 @@ class TextEncoder(nnx.Module):
   def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
     """tokens [B, T] -> MLM logits [B, T, vocab] (float32)."""
+    if self.head_dense is None:
+      raise ValueError("this encoder was built with model.mlm_head=False (a tower): use encode/pool")
     x = self.encode(tokens, segment_ids=segment_ids, positions=positions)
     h = self.head_norm(jax.nn.gelu(self.head_dense(x), approximate=False))
     logits = self.embed.attend(h).astype(jnp.float32)
@@ -172,7 +180,8 @@ class TextEncoder(nnx.Module):
     for path, p in nnx.iter_graph(self):
       if isinstance(p, nnx.Param) and len(p.shape) >= 2 and "embedding" not in path:
         n += math.prod(p.shape)
-    n += self.cfg.vocab_size * self.cfg.d_model
+    if self.cfg.mlm_head:
+      n += self.cfg.vocab_size * self.cfg.d_model  # the tied decoder
     return 6.0 * n + sum(
         blk.attention.train_flops_per_token(
             seq_len if self.cfg.is_global(l) else min(seq_len, self.cfg.local_window))

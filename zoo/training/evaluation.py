@@ -8,7 +8,8 @@ classifiers loss and accuracy.
 
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+from typing import Callable, Dict
 
 import jax
 import numpy as np
@@ -17,9 +18,23 @@ import zoo.data
 from zoo.training import sharding as shd
 
 
-def eval_step_fn(setup, task):
-  # A fixed key: every evaluation of a run (and of its resumption) sees the same draws.
-  return jax.jit(lambda params, batch: task(setup.merge(params), batch, jax.random.key(0))[1])
+@dataclasses.dataclass
+class EvalStep:
+  """The jitted per-batch evaluation of a task: metric sums, or for tasks that evaluate over
+  the whole split (`task.collects`: retrieval) the per-example outputs to gather."""
+  step: Callable
+  merge: Callable
+  collects: bool
+
+
+def eval_step_fn(setup, task) -> EvalStep:
+  collects = bool(getattr(task, "collects", False))
+  if collects:
+    step = jax.jit(lambda params, batch: task.collect(setup.merge(params), batch))
+  else:
+    # A fixed key: every evaluation of a run (and of its resumption) sees the same draws.
+    step = jax.jit(lambda params, batch: task(setup.merge(params), batch, jax.random.key(0))[1])
+  return EvalStep(step, setup.merge, collects)
 
 
 def run_eval(config, task, data_cfg, params, eval_step, batch_sharding, *,
@@ -30,16 +45,30 @@ def run_eval(config, task, data_cfg, params, eval_step, batch_sharding, *,
       data_cfg, split=split, seq_len=config.seq_len,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed, train=False,
       shard_index=jax.process_index(), shard_count=jax.process_count())
-  totals = None
+  totals, gathered = None, []
   batches = _aligned_across_hosts(it)
   for i, local in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    sums = jax.device_get(eval_step(params, shd.host_to_global(local, batch_sharding)))
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-  if totals is None:
+    out = _fetch(eval_step.step(params, shd.host_to_global(local, batch_sharding)))
+    if eval_step.collects:
+      gathered.append(out)
+    else:
+      totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
+  if totals is None and not gathered:
     raise ValueError(f"split {split!r} of data.name={data_cfg.name!r} yielded no batches")
+  if eval_step.collects:
+    outputs = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]}
+    return task.finalize_collected(outputs, eval_step.merge(params), data_cfg, config.seq_len)
   return task.finalize({k: float(np.asarray(v)) for k, v in totals.items()}, data_cfg)
+
+
+def _fetch(tree):
+  """Device arrays (sharded over the data axes of every host) -> numpy on this host."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _aligned_across_hosts(it):

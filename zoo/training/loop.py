@@ -155,7 +155,9 @@ def train(config, workdir: str) -> Dict[str, float]:
       f.write(config_json)
   units_per_step = task.units_per_step(config)
   flops_per_step = task.train_flops_per_step(setup.abstract_model, config)
-  peak = config.get("peak_flops_per_device") or measured_peak_flops(config.model.dtype)
+  # Composite models (clip) keep dtypes per tower; their peak is measured at float32.
+  peak = (config.get("peak_flops_per_device")
+          or measured_peak_flops(config.model.get("dtype") or "float32"))
   peak_total = peak * jax.device_count()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   writer.print(f"model {config.model.name}: {n_params:,} params | mesh {dict(mesh.shape)} | "

@@ -160,7 +160,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 class ViTConfig:
   """`config.model` of `vit`. Sizes left None come from `variant`; __post_init__ resolves
   them and validates every field (pooling_options are checked by the head, at build)."""
-  num_classes: Optional[int] = None  # required; the loop fills it from the dataset
+  num_classes: Optional[int] = None  # required; the loop fills it. 0: no classifier (a tower)
   image_size: Union[int, Tuple[int, int]] = 224
   num_channels: int = 3
   patch_size: int = 16
@@ -192,7 +192,8 @@ class ViTConfig:
     s = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
     if self.num_classes is None:
       raise ValueError("model.num_classes is not set (the loop fills it from the dataset)")
-    _positive("model.num_classes", self.num_classes)
+    if self.num_classes != 0:  # 0: no classifier, the model gives the pooled vector
+      _positive("model.num_classes", self.num_classes)
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown model.variant={self.variant!r}; choose one of {list(VARIANTS)}")
     for name, value in zip(("d_model", "num_layers", "mlp_dim", "num_heads"),
@@ -399,7 +400,7 @@ class ViT(nnx.Module):
     self.final_norm = make_norm(cfg.norm, d, eps=cfg.norm_eps, param_dtype=param_dtype)
     if cfg.pool == "cls":
       self.head = pooling.Classifier(d, cfg.num_classes, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+                                     rngs=rngs) if cfg.num_classes else None
     else:
       options = {"stop_gradient": False}  # the head trains with the encoder
       if cfg.pool == "map":  # big_vision's MAPHead: one query, the encoder's heads and MLP
@@ -410,8 +411,9 @@ class ViT(nnx.Module):
       options.update(dtype=dtype, param_dtype=param_dtype)
       options.update(dict(cfg.pooling_options))
       try:
-        self.head = pooling.make_pooling(POOL_HEADS[cfg.pool], d, num_classes=cfg.num_classes,
-                                         rngs=rngs, **options)
+        self.head = pooling.make_pooling(POOL_HEADS[cfg.pool], d,
+                                         num_classes=cfg.num_classes or None, rngs=rngs,
+                                         **options)
       except (ValueError, TypeError) as e:
         raise ValueError(f"model.pool={cfg.pool!r} (model.pooling_options): {e}") from None
 
@@ -470,13 +472,19 @@ class ViT(nnx.Module):
     return (x, positions) if return_indices else x
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, C] -> logits [B, num_classes] in float32."""
+    """images [B, H, W, C] -> logits [B, num_classes] in float32; with num_classes=0 the
+    pooled vector [B, features_dim] (an image tower: CLIP, captioners)."""
     x = self.encode(images)
     if self.cfg.pool == "cls":
-      logits = self.head(x[:, 0])
+      out = x[:, 0] if self.head is None else self.head(x[:, 0])
     else:
-      logits = self.head(x[:, 1:] if self.cls_token is not None else x)
-    return logits.astype(jnp.float32)
+      out = self.head(x[:, 1:] if self.cls_token is not None else x)
+    return out.astype(jnp.float32)
+
+  @property
+  def features_dim(self) -> int:
+    """Width of the pooled vector (what `__call__` gives with num_classes=0)."""
+    return self.cfg.d_model if self.cfg.pool == "cls" else self.head.out_dim
 
   # ------------------------------------------------------------------------- FLOPs
 
@@ -500,7 +508,7 @@ class ViT(nnx.Module):
       attn_flops += t_attn * block.attention.train_flops_per_token(t_attn)
     t_final = cfg.token_counts()[-1][1]
     if cfg.pool == "cls":
-      macs += matmul_params(self.head)
+      macs += matmul_params(self.head) if self.head is not None else 0.0
     else:
       macs += _head_macs(self.head, t_final - int(cfg.class_token))
     return 6.0 * macs + attn_flops

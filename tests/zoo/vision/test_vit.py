@@ -1,6 +1,7 @@
 """ViT: shapes, patch order, sin-cos table, non-causality, EET token pruning, heads, training,
 FLOPs and errors that name the setting."""
 
+import dataclasses
 import math
 
 import jax
@@ -239,3 +240,15 @@ def test_bad_inputs_name_the_setting():
     tiny(pool="gap", pooling_options={"num_queries": 2})
   with pytest.raises(ValueError, match=r"model\.image_size"):
     tiny()(images(h=20, w=20))
+
+
+def test_num_classes_zero_gives_the_pooled_vector():
+  """A tower (CLIP's image encoder): no classifier; cls pooling is the class token's features."""
+  cfg = ViTConfig(num_classes=0, image_size=16, patch_size=4, d_model=32, num_layers=1,
+                  num_heads=2, mlp_dim=64)
+  model = ViT(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  assert model.head is None and model.features_dim == 32
+  np.testing.assert_allclose(model(x), model.encode(x)[:, 0], rtol=1e-6)
+  gap = ViT(dataclasses.replace(cfg, pool="gap", class_token=None), rngs=nnx.Rngs(0))
+  assert gap(x).shape == (2, gap.features_dim)

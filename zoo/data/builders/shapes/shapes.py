@@ -243,6 +243,7 @@ class Shapes(synthetic.SyntheticTaskBuilder):
   name = "shapes"
   task = TASK
   num_classes = NUM_CLASSES
+  class_names = CLASS_NAMES
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.settings["image_size"]

@@ -1,0 +1,1 @@
+"""Multimodal models: the CLIP/SigLIP dual encoder, the captioner."""
