@@ -27,8 +27,13 @@ def _clip(model_cfg, rngs: nnx.Rngs):
   return build(model_cfg, rngs)
 
 
+def _captioner(model_cfg, rngs: nnx.Rngs):
+  from zoo.multimodal.captioner import build
+  return build(model_cfg, rngs)
+
+
 MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert, "vit": _vit,
-                               "clip": _clip}
+                               "clip": _clip, "captioner": _captioner}
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:
