@@ -16,7 +16,7 @@ from typing import Sequence, Tuple, Type, TypeVar
 import jax.numpy as jnp
 
 from layers.attention import registry as attention_registry
-from layers.attention.config import parse_options
+from layers.attention.config import AttentionConfig, parse_options
 
 T = TypeVar("T")
 
@@ -56,3 +56,20 @@ def parse_dtype(name: str, field: str):
   if name not in DTYPES:
     raise ValueError(f"{field}={name!r} is not one of {sorted(DTYPES)}")
   return DTYPES[name]
+
+
+def attention_config(cfg, layer: int, **fields) -> AttentionConfig:
+  """Layer `layer`'s AttentionConfig from a model config's shared fields (head layout,
+  positional encoding, implementation, dtypes, attention_options), with `fields` (causal,
+  window, rope_base ...) added or overriding; errors name the model's settings."""
+  base = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, positional=getattr(cfg, "positional", "nope"),
+              implementation=cfg.implementation, layer=layer,
+              options=dict(getattr(cfg, "attention_options", ())))
+  try:
+    base.update(dtype=parse_dtype(cfg.dtype, "model.dtype"),
+                param_dtype=parse_dtype(cfg.param_dtype, "model.param_dtype"))
+    base.update(fields)
+    return AttentionConfig(**base)
+  except ValueError as e:
+    raise ValueError(f"model: {e}") from None

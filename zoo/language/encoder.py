@@ -41,7 +41,7 @@ from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
 
 POOLS = ("mean", "first")
 
@@ -91,17 +91,9 @@ class EncoderConfig:
   def attention_config(self, layer: int) -> AttentionConfig:
     glob = self.is_global(layer)
     half = self.local_window // 2
-    try:
-      return AttentionConfig(
-          d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-          head_dim=self.head_dim, causal=False, positional=self.positional,
-          rope_base=self.rope_base if glob else self.local_rope_base,
-          window=None if glob else (half, half), layer=layer,
-          implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
-          param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
-          options=dict(self.attention_options))
-    except ValueError as e:
-      raise ValueError(f"model: {e}") from None
+    return attention_config(self, layer, causal=False,
+                            rope_base=self.rope_base if glob else self.local_rope_base,
+                            window=None if glob else (half, half))
 
 
 class TextEncoder(nnx.Module):

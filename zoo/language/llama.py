@@ -30,7 +30,7 @@ from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
@@ -73,19 +73,11 @@ class LMConfig:
       raise ValueError(
           f"unknown positional encoding {self.positional!r} (model.positional); "
           f"choose one of {sorted(POSITIONAL)}")
-    try:
-      return AttentionConfig(
-          d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-          head_dim=self.head_dim, causal=True, positional=self.positional,
-          rope_base=self.rope_base, rope_scaling=self.rope_scaling,
-          rope_scaling_type=self.rope_scaling_type,
-          rope_original_max_len=self.rope_original_max_len, window=self.window,
-          layer=layer, positional_schedule=self.positional_schedule, rope_window=self.rope_window,
-          implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
-          param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
-          options=dict(self.attention_options))
-    except ValueError as e:
-      raise ValueError(f"model: {e}") from None
+    return attention_config(
+        self, layer, causal=True, rope_base=self.rope_base, rope_scaling=self.rope_scaling,
+        rope_scaling_type=self.rope_scaling_type,
+        rope_original_max_len=self.rope_original_max_len, window=self.window,
+        positional_schedule=self.positional_schedule, rope_window=self.rope_window)
 
 
 class DecoderLM(nnx.Module):

@@ -45,7 +45,7 @@ from layers.cross_block import CrossAttentionBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
 from zoo.vision.vit import ViT, ViTConfig
 
 VARIANTS = ("cross", "prefix")
@@ -95,14 +95,7 @@ class CaptionerConfig:
       raise ValueError(msg) from None
 
   def attention_config(self, layer: int, *, causal: bool = True) -> AttentionConfig:
-    try:
-      return AttentionConfig(
-          d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-          head_dim=self.head_dim, causal=causal, positional=self.positional, layer=layer,
-          implementation=self.implementation, dtype=parse_dtype(self.dtype, "model.dtype"),
-          param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"))
-    except ValueError as e:
-      raise ValueError(f"model: {e}") from None
+    return attention_config(self, layer, causal=causal)
 
 
 class Captioner(nnx.Module):

@@ -93,7 +93,7 @@ from layers.attention.mha import MultiHeadAttention, mha_probs
 from layers.block import TransformerBlock
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
 
 # name -> (d_model, num_layers, mlp_dim, num_heads), the ViT paper / big_vision table.
 VARIANTS = {
@@ -286,16 +286,8 @@ class ViTConfig:
     return tuple(out)
 
   def attention_config(self, layer: int) -> AttentionConfig:
-    try:
-      return AttentionConfig(
-          d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-          head_dim=self.head_dim, causal=False, positional="nope", use_bias=self.use_bias,
-          layer=layer, implementation=self.implementation,
-          dtype=parse_dtype(self.dtype, "model.dtype"),
-          param_dtype=parse_dtype(self.param_dtype, "model.param_dtype"),
-          options=dict(self.attention_options))
-    except ValueError as e:
-      raise ValueError(f"model: {e}") from None
+    return attention_config(self, layer, causal=False, positional="nope",
+                            use_bias=self.use_bias)
 
 
 def _options(value, field: str) -> Tuple[Tuple[str, object], ...]:
