@@ -1,8 +1,10 @@
 """Evaluate the latest checkpoint in a workdir: `python eval.py --workdir=DIR [--config=...]`.
 
 Without --config the run's own config (stored in the checkpoint) is used.
-Tasks come from `config.eval_tasks` or `--tasks` (comma-separated: text, mqar,
-passkey, selective_copy). Writes DIR/eval.json and prints it.
+Tasks come from `config.eval_tasks` or `--tasks` (comma-separated): `text` is the
+held-out split of the run's own data, whatever its modality (text, images, image-text
+pairs), evaluated with the run's task; `mqar`, `passkey`, `selective_copy` are synthetic
+recall probes for language models. Writes DIR/eval.json and prints it.
 """
 
 from absl import app, flags

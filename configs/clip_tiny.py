@@ -9,7 +9,9 @@ ModernBERT-style encoder over byte-level captions, mean-pooled; 64-d joint space
 Evaluation: image-to-text and text-to-image recall@1/5 over the 1000 validation pairs, and
 zero-shot accuracy over the 18 classes with prompts "a photo of a {colour} {shape}.".
 
-Runtime and result: see the measurement line below (2 CPU cores).
+Runtime and result (measured, 2 CPU cores shared with other jobs): 8m46s; on the 1000
+validation pairs image-to-text recall@1 50.7% / @5 79.9%, text-to-image recall@1 16.6% / @5
+57.9% (many captions describe near-identical scenes), zero-shot accuracy 58.8% (chance 5.6%).
 """
 
 import ml_collections

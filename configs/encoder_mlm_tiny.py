@@ -6,7 +6,9 @@ embedded pydoc_text corpus, byte-level tokens.
     python train.py --config=configs/encoder_mlm_tiny.py --workdir=/tmp/encoder_mlm_tiny
     python eval.py --workdir=/tmp/encoder_mlm_tiny
 
-Runtime and result: see the measurement line below (2 CPU cores).
+Runtime and result (measured, 2 CPU cores shared with other jobs): 5m59s; held-out
+masked-token accuracy 54.3%, masked-token loss 1.69 nats (perplexity 5.4; a uniform byte
+model has 5.56 nats).
 """
 
 import ml_collections

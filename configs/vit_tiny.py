@@ -9,7 +9,8 @@ Variants by flag: `--config.model.pool=map` (attentive-probe head),
 `--config.model.posemb=sincos2d`, `--config.model.prune_layers=2 --config.model.keep_ratio=0.5`
 (EET token pruning), `--config.model.attention=gated`.
 
-Runtime and result: see the measurement line below (2 CPU cores).
+Runtime and result (measured, 2 CPU cores shared with other jobs): 3m54s; validation
+accuracy 90.0% (top-5 100%), loss 0.245 (69% at step 200).
 """
 
 from configs.base import run_config
