@@ -32,8 +32,14 @@ def _captioner(model_cfg, rngs: nnx.Rngs):
   return build(model_cfg, rngs)
 
 
+def _biformer_net(model_cfg, rngs: nnx.Rngs):
+  from zoo.vision.biformer import build
+  return build(model_cfg, rngs)
+
+
 MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert, "vit": _vit,
-                               "clip": _clip, "captioner": _captioner}
+                               "biformer_net": _biformer_net, "clip": _clip,
+                               "captioner": _captioner}
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

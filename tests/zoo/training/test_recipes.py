@@ -17,6 +17,7 @@ SMALL_VIT = ["d_model=32", "num_layers=2", "num_heads=2", "mlp_dim=64", "patch_s
 RECIPES = {
     "vit_tiny": [f"--config.model.{f}" for f in SMALL_VIT] + [
         "--config.model.prune_layers=1", "--config.model.keep_ratio=0.5"],
+    "biformer_tiny": ["--config.model.dims=16,32,32", "--config.model.depths=1,1,1"],
     "encoder_mlm_tiny": ["--config.model.d_model=32", "--config.model.num_layers=3",
                          "--config.model.num_heads=2", "--config.model.mlp_dim=64",
                          "--config.model.local_window=16", "--config.seq_len=64"],
@@ -68,6 +69,6 @@ def test_recipe_trains_sharded_resumes_and_evaluates(recipe, tmp_path, data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "eval.json")) as f:
     res = json.load(f)["text"]
-  metric = {"vit_tiny": "accuracy", "encoder_mlm_tiny": "accuracy", "captioner_tiny": "accuracy",
-            "clip_tiny": "zero_shot_accuracy"}[recipe]
+  metric = {"vit_tiny": "accuracy", "biformer_tiny": "accuracy", "encoder_mlm_tiny": "accuracy",
+            "captioner_tiny": "accuracy", "clip_tiny": "zero_shot_accuracy"}[recipe]
   assert 0 <= res[metric] <= 1, res
