@@ -94,10 +94,6 @@ def _ints(value, field: str, stages: Optional[int] = None) -> Optional[Tuple[int
   return out
 
 
-def _positive(field: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{field} must be a positive integer, got {value!r}")
-
 
 def conv_out(size: int, stride: int) -> int:
   """Output length of a 3x3 conv with padding 1: ceil(size / stride)."""
@@ -135,14 +131,14 @@ class BiFormerConfig:
     if self.num_classes is None:
       raise ValueError("model.num_classes is not set (the loop fills it from the dataset)")
     if self.num_classes != 0:
-      _positive("model.num_classes", self.num_classes)
+      pooling.check_positive("model.num_classes", self.num_classes)
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown model.variant={self.variant!r}; choose one of {list(VARIANTS)}")
     v_dims, v_depths, v_regions, v_topk, v_head_dim, v_stem = VARIANTS[self.variant]
     dims = _ints(self.dims, "model.dims") or v_dims
     n = len(dims)
     for d in dims:
-      _positive("model.dims", d)
+      pooling.check_positive("model.dims", d)
     s("dims", dims)
     defaults = dict(depths=v_depths, num_regions=v_regions, topk=v_topk)
     for name in ("depths", "num_regions", "topk"):
@@ -154,11 +150,11 @@ class BiFormerConfig:
         value = defaults[name]
       s(name, value)
     for d in self.depths:
-      _positive("model.depths", d)
+      pooling.check_positive("model.depths", d)
     heads = _ints(self.num_heads, "model.num_heads", n)
     if heads is None:  # heads from the head size (the variant's unless model.head_dim is set)
       head_dim = v_head_dim if self.head_dim is None else self.head_dim
-      _positive("model.head_dim", head_dim)
+      pooling.check_positive("model.head_dim", head_dim)
       for d in dims:
         if d % head_dim:
           raise ValueError(f"model.head_dim={head_dim} does not divide model.dims={dims}; set "
@@ -167,17 +163,17 @@ class BiFormerConfig:
       s("head_dim", head_dim)
     else:  # explicit heads: head_dim None means dims[i] // num_heads[i]
       for h in heads:
-        _positive("model.num_heads", h)
+        pooling.check_positive("model.num_heads", h)
       if self.head_dim is None:
         for d, h in zip(dims, heads):
           if d % h:
             raise ValueError(f"model.num_heads={heads} does not divide model.dims={dims}; set "
                              "model.head_dim explicitly")
       else:
-        _positive("model.head_dim", self.head_dim)
+        pooling.check_positive("model.head_dim", self.head_dim)
     s("num_heads", heads)
     stem = v_stem if self.stem_stride is None else self.stem_stride
-    _positive("model.stem_stride", stem)
+    pooling.check_positive("model.stem_stride", stem)
     if stem & (stem - 1):
       raise ValueError(f"model.stem_stride={stem} must be 1 or a power of two")
     s("stem_stride", stem)
@@ -186,9 +182,9 @@ class BiFormerConfig:
     if len(size) != 2:
       raise ValueError(f"model.image_size={self.image_size!r} must be an int or (height, width)")
     for v in size:
-      _positive("model.image_size", v)
+      pooling.check_positive("model.image_size", v)
     s("image_size", size)
-    _positive("model.num_channels", self.num_channels)
+    pooling.check_positive("model.num_channels", self.num_channels)
     if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) \
         or self.mlp_ratio <= 0:
       raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio!r}")

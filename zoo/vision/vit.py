@@ -193,23 +193,23 @@ class ViTConfig:
     if self.num_classes is None:
       raise ValueError("model.num_classes is not set (the loop fills it from the dataset)")
     if self.num_classes != 0:  # 0: no classifier, the model gives the pooled vector
-      _positive("model.num_classes", self.num_classes)
+      pooling.check_positive("model.num_classes", self.num_classes)
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown model.variant={self.variant!r}; choose one of {list(VARIANTS)}")
     for name, value in zip(("d_model", "num_layers", "mlp_dim", "num_heads"),
                            VARIANTS[self.variant]):
       if getattr(self, name) is None:
         s(name, value)
-      _positive(f"model.{name}", getattr(self, name))
+      pooling.check_positive(f"model.{name}", getattr(self, name))
     size = self.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     if len(size) != 2:
       raise ValueError(f"model.image_size={self.image_size!r} must be an int or (height, width)")
     for v in size:
-      _positive("model.image_size", v)
+      pooling.check_positive("model.image_size", v)
     s("image_size", size)
-    _positive("model.patch_size", self.patch_size)
-    _positive("model.num_channels", self.num_channels)
+    pooling.check_positive("model.patch_size", self.patch_size)
+    pooling.check_positive("model.num_channels", self.num_channels)
     for v in size:
       if v % self.patch_size:
         raise ValueError(f"model.patch_size={self.patch_size} does not divide "
@@ -302,10 +302,6 @@ def _options(value, field: str) -> Tuple[Tuple[str, object], ...]:
   except ValueError as e:
     raise ValueError(str(e).replace("model.attention_options", field)) from None
 
-
-def _positive(field: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{field} must be a positive integer, got {value!r}")
 
 
 def cls_attention(attention: MultiHeadAttention, h: jax.Array, positions: jax.Array) -> jax.Array:
