@@ -14,9 +14,11 @@ import dataclasses
 from typing import Sequence, Tuple, Type, TypeVar
 
 import jax.numpy as jnp
+from flax import nnx
 
 from layers.attention import registry as attention_registry
 from layers.attention.config import AttentionConfig, parse_options
+from layers.block import TransformerBlock
 
 T = TypeVar("T")
 
@@ -73,3 +75,14 @@ def attention_config(cfg, layer: int, **fields) -> AttentionConfig:
     return AttentionConfig(**base)
   except ValueError as e:
     raise ValueError(f"model: {e}") from None
+
+
+def transformer_blocks(cfg, rngs: nnx.Rngs) -> nnx.List:
+  """The model's stack of shared `TransformerBlock`s: layer l runs family l of the
+  `cfg.attention` pattern with `cfg.attention_config(l)` and the model's MLP and norm."""
+  families = parse_pattern(cfg.attention, cfg.num_layers)
+  return nnx.List([
+      TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
+                       mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
+                       norm_eps=cfg.norm_eps, rngs=rngs)
+      for l in range(cfg.num_layers)])

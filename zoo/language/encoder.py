@@ -37,11 +37,10 @@ from flax import nnx
 
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
-from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, transformer_blocks
 
 POOLS = ("mean", "first")
 
@@ -101,17 +100,12 @@ class TextEncoder(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    families = parse_pattern(cfg.attention, cfg.num_layers)
     dtype = parse_dtype(cfg.dtype, "model.dtype")
     param_dtype = parse_dtype(cfg.param_dtype, "model.param_dtype")
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
     self.embed_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-    self.blocks = nnx.List([
-        TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
-                         mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
-                         norm_eps=cfg.norm_eps, rngs=rngs)
-        for l in range(cfg.num_layers)])
+    self.blocks = transformer_blocks(cfg, rngs)
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
     if not cfg.mlm_head:
       self.head_dense = self.head_norm = self.head_bias = None

@@ -26,11 +26,10 @@ from flax import nnx
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL
-from layers.block import TransformerBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import attention_config, from_model_config, parse_dtype, transformer_blocks
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
@@ -84,16 +83,11 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    families = parse_pattern(cfg.attention, cfg.num_layers)
     dtype = parse_dtype(cfg.dtype, "model.dtype")
     param_dtype = parse_dtype(cfg.param_dtype, "model.param_dtype")
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
-    self.blocks = nnx.List([
-        TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
-                         mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
-                         norm_eps=cfg.norm_eps, rngs=rngs)
-        for l in range(cfg.num_layers)])
+    self.blocks = transformer_blocks(cfg, rngs)
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
     self.head = None if cfg.tie_embeddings else Linear(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,

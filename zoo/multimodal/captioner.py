@@ -40,12 +40,12 @@ from flax import nnx
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.perceiver_resampler import PerceiverResampler
-from layers.block import TransformerBlock
 from layers.cross_block import CrossAttentionBlock
 from layers.embeddings import Embed
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import (attention_config, from_model_config, parse_dtype, parse_pattern,
+                               transformer_blocks)
 from zoo.vision.vit import ViT, ViTConfig
 
 VARIANTS = ("cross", "prefix")
@@ -128,11 +128,7 @@ class Captioner(nnx.Module):
     else:
       self.image_proj = Linear(d_img, cfg.d_model, axes=(None, "embed"), use_bias=True,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      self.blocks = nnx.List([
-          TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
-                           mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
-                           norm_eps=cfg.norm_eps, rngs=rngs)
-          for l in range(cfg.num_layers)])
+      self.blocks = transformer_blocks(cfg, rngs)
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
 
   def image_tokens(self, images: jax.Array) -> jax.Array:

@@ -90,10 +90,10 @@ from layers import pooling
 from layers.attention.config import AttentionConfig, parse_options
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention, mha_probs
-from layers.block import TransformerBlock
 from layers.linear import Linear
 from layers.norms import make_norm
-from zoo.model_config import attention_config, from_model_config, parse_dtype, parse_pattern
+from zoo.model_config import (attention_config, from_model_config, parse_dtype, parse_pattern,
+                               transformer_blocks)
 
 # name -> (d_model, num_layers, mlp_dim, num_heads), the ViT paper / big_vision table.
 VARIANTS = {
@@ -375,11 +375,7 @@ class ViT(nnx.Module):
       self.posemb = None
     self.cls_token = (nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("embed",))
                       if cfg.class_token else None)
-    self.blocks = nnx.List([
-        TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
-                         mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
-                         norm_eps=cfg.norm_eps, rngs=rngs)
-        for l in range(cfg.num_layers)])
+    self.blocks = transformer_blocks(cfg, rngs)
     for l in cfg.prune_layers:
       attn = self.blocks[l].attention
       if not (isinstance(attn, MultiHeadAttention) and hasattr(attn, "qkv")):
