@@ -1,4 +1,5 @@
-"""Token embeddings; `attend` reuses the table as the output head (tied embeddings)."""
+"""Token embeddings (`attend` reuses the table as the output head: tied embeddings) and
+learned absolute position embeddings ("Attention Is All You Need", GPT-2, BERT, ViT, CLIP)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits x . E^T over the vocabulary."""
     return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class PositionEmbed(nnx.Module):
+  """A learned table [max_len, dim]; `__call__(positions [B, T])` -> [B, T, dim]."""
+
+  def __init__(self, max_len: int, dim: int, *, init_std: float = 0.02, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    table = init_std * jax.random.normal(rngs.params(), (max_len, dim), param_dtype)
+    self.embedding = nnx.Param(table, logical_axes=(None, "embed"))
+    self.max_len, self.dtype = max_len, dtype
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)

@@ -67,6 +67,7 @@ def attention_config(cfg, layer: int, **fields) -> AttentionConfig:
   base = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               head_dim=cfg.head_dim, positional=getattr(cfg, "positional", "nope"),
               implementation=cfg.implementation, layer=layer,
+              use_bias=getattr(cfg, "use_bias", False),
               options=dict(getattr(cfg, "attention_options", ())))
   try:
     base.update(dtype=parse_dtype(cfg.dtype, "model.dtype"),
@@ -79,10 +80,20 @@ def attention_config(cfg, layer: int, **fields) -> AttentionConfig:
 
 def transformer_blocks(cfg, rngs: nnx.Rngs) -> nnx.List:
   """The model's stack of shared `TransformerBlock`s: layer l runs family l of the
-  `cfg.attention` pattern with `cfg.attention_config(l)` and the model's MLP and norm."""
+  `cfg.attention` pattern with `cfg.attention_config(l)` and the model's MLP and norm.
+
+  Optional config fields (a model declares those it offers): `mlp_activation`,
+  `norm_position` ("pre" | "post"), `first_attn_norm` (False: layer 0 has no norm
+  before attention)."""
   families = parse_pattern(cfg.attention, cfg.num_layers)
-  return nnx.List([
-      TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
-                       mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind, norm=cfg.norm,
-                       norm_eps=cfg.norm_eps, rngs=rngs)
-      for l in range(cfg.num_layers)])
+  try:
+    return nnx.List([
+        TransformerBlock(attention=families[l], attn_cfg=cfg.attention_config(l),
+                         mlp_dim=cfg.mlp_dim, mlp_kind=cfg.mlp_kind,
+                         mlp_activation=getattr(cfg, "mlp_activation", None), norm=cfg.norm,
+                         norm_eps=cfg.norm_eps,
+                         norm_position=getattr(cfg, "norm_position", "pre"),
+                         attn_norm=l > 0 or getattr(cfg, "first_attn_norm", True), rngs=rngs)
+        for l in range(cfg.num_layers)])
+  except ValueError as e:
+    raise ValueError(f"model: {e}") from None

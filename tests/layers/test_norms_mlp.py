@@ -52,3 +52,32 @@ def test_tied_embedding_attend_is_the_transpose():
   tokens = jnp.array([[1, 4, 10]])
   np.testing.assert_array_equal(emb(tokens), emb.embedding[...][tokens])
   np.testing.assert_allclose(emb.attend(X), X @ emb.embedding[...].T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation,fn", [
+    ("gelu_exact", lambda x: 0.5 * x * (1 + jax.scipy.special.erf(x / jnp.sqrt(2.0)))),
+    ("quick_gelu", lambda x: x * jax.nn.sigmoid(1.702 * x))])
+def test_mlp_activation_overrides_the_kind(activation, fn):
+  mlp = MLP(8, 16, kind="gelu", activation=activation, use_bias=True, rngs=nnx.Rngs(0))
+  h = X @ mlp.up.kernel[...] + mlp.up.bias[...]
+  np.testing.assert_allclose(mlp(X), fn(h) @ mlp.down.kernel[...] + mlp.down.bias[...],
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown mlp activation 'gelu2'"):
+    MLP(8, 16, kind="gelu", activation="gelu2", rngs=nnx.Rngs(0))
+
+
+def test_block_post_norm_and_no_first_norm():
+  from layers.attention.config import AttentionConfig
+  from layers.block import TransformerBlock
+  cfg = AttentionConfig(d_model=8, num_heads=2, causal=False, positional="nope")
+  post = TransformerBlock(attention="mha", attn_cfg=cfg, mlp_dim=16, mlp_kind="gelu",
+                          norm="layernorm", norm_position="post", rngs=nnx.Rngs(0))
+  h = post.attn_norm(X + post.attention(X))
+  np.testing.assert_allclose(post(X), post.mlp_norm(h + post.mlp(h)), rtol=1e-5, atol=1e-5)
+  bare = TransformerBlock(attention="mha", attn_cfg=cfg, mlp_dim=16, attn_norm=False,
+                          rngs=nnx.Rngs(0))
+  h = X + bare.attention(X)
+  np.testing.assert_allclose(bare(X), h + bare.mlp(bare.mlp_norm(h)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="norm_position='mid'"):
+    TransformerBlock(attention="mha", attn_cfg=cfg, mlp_dim=16, norm_position="mid",
+                     rngs=nnx.Rngs(0))

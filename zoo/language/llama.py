@@ -11,6 +11,11 @@ when num_kv_heads < num_heads. The attention family is chosen per layer by id
 e.g. "mha,mha,mha,sliding" style patterns once more families are registered).
 Packed batches pass `segment_ids` and per-document `positions`: tokens then
 see only their own document.
+
+GPT-2 ("Language Models are Unsupervised Multitask Learners") is the same
+stack with `position_embedding="learned"` (a table added to the token
+embeddings, `positional="nope"` inside attention), LayerNorm, biases and a
+tanh-GELU MLP: h_0 = Embed(tokens) + P[positions].
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from flax import nnx
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL
-from layers.embeddings import Embed
+from layers.embeddings import Embed, PositionEmbed
 from layers.linear import Linear
 from layers.norms import make_norm
 from zoo.model_config import attention_config, from_model_config, parse_dtype, transformer_blocks
@@ -41,6 +46,9 @@ class LMConfig:
   head_dim: Optional[int] = None
   mlp_dim: int = 688
   mlp_kind: str = "swiglu"
+  mlp_activation: Optional[str] = None  # overrides mlp_kind's activation (layers/mlp.py)
+  use_bias: bool = False  # biases in the attention and MLP projections (GPT-2)
+  position_embedding: Optional[str] = None  # "learned": absolute table of max_seq_len rows
   norm: str = "rmsnorm"
   norm_eps: float = 1e-6
   attention: str = "mha"
@@ -59,6 +67,11 @@ class LMConfig:
   implementation: str = "auto"
   remat: bool = False
   attention_options: Tuple[Tuple[str, object], ...] = ()
+
+  def __post_init__(self):
+    if self.position_embedding not in (None, "learned"):
+      raise ValueError(f"model.position_embedding={self.position_embedding!r} is not one of "
+                       "(None, 'learned')")
 
   @classmethod
   def from_config(cls, model_cfg) -> "LMConfig":
@@ -87,11 +100,25 @@ class DecoderLM(nnx.Module):
     param_dtype = parse_dtype(cfg.param_dtype, "model.param_dtype")
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
+    self.position_embed = (PositionEmbed(cfg.max_seq_len, cfg.d_model, dtype=dtype,
+                                         param_dtype=param_dtype, rngs=rngs)
+                           if cfg.position_embedding == "learned" else None)
     self.blocks = transformer_blocks(cfg, rngs)
     self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
     self.head = None if cfg.tie_embeddings else Linear(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
+
+  def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """tokens [B, T] at positions [B, T] -> the first block's input [B, T, d_model]."""
+    x = self.embed(tokens)
+    return x if self.position_embed is None else x + self.position_embed(positions)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The last block's output [B, T, d_model] -> logits [B, T, vocab] in float32."""
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
@@ -104,15 +131,13 @@ class DecoderLM(nnx.Module):
     mask = Mask(causal=True)
     if segment_ids is not None:
       mask = mask.with_segments(segment_ids, positions)
-    x = self.embed(tokens)
+    x = self.embed_tokens(tokens, positions)
     for block in self.blocks:
       if self.cfg.remat:
         x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions))(block, x)
       else:
         x = block(x, mask=mask, positions=positions)
-    x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return logits.astype(jnp.float32)
+    return self.logits(x)
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU:

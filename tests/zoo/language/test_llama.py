@@ -20,9 +20,14 @@ def tiny(**kw):
   return DecoderLM(LMConfig(**base), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("positional", ["rope", "nope"])
-def test_causal(positional):
-  model = tiny(positional=positional)
+GPT2_STYLE = dict(positional="nope", position_embedding="learned", norm="layernorm",
+                  mlp_kind="gelu", use_bias=True, max_seq_len=32)
+
+
+@pytest.mark.parametrize("style", [dict(positional="rope"), dict(positional="nope"), GPT2_STYLE],
+                         ids=["rope", "nope", "gpt2"])
+def test_causal(style):
+  model = tiny(**style)
   toks = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
   toks2 = toks.at[:, 9:].set((toks[:, 9:] + 7) % 50)
   a, b = model(toks), model(toks2)
@@ -85,6 +90,17 @@ def test_packed_equals_separate_documents():
   assert rel_err(out[:, 7:], model(d2)) < 1e-5
 
 
+def test_learned_positions_are_added_at_the_input():
+  model = tiny(**GPT2_STYLE)
+  assert model.blocks[0].attention.qkv.q.bias is not None and model.blocks[0].mlp.up.bias is not None
+  toks = jnp.array([[3, 4, 5, 6]])
+  shifted = model(toks, positions=jnp.array([[1, 2, 3, 4]]))
+  assert float(jnp.abs(shifted - model(toks)).max()) > 1e-3  # only the table carries position
+  x = model.embed_tokens(toks, jnp.array([[0, 1, 2, 3]]))
+  np.testing.assert_allclose(x, model.embed.embedding[...][toks] + model.position_embed.embedding[...][:4],
+                             rtol=1e-6)
+
+
 def test_untied_head_and_shapes():
   model = tiny(tie_embeddings=False, num_kv_heads=1)
   assert model(jnp.zeros((3, 4), jnp.int32)).shape == (3, 4, 50)
@@ -111,6 +127,8 @@ def _model_cfg(**kw):
     (dict(attention="nope_such"), r"model.attention"),
     (dict(name="gpt9"), r"unknown model 'gpt9' \(model.name\)"),
     (dict(bogus_field=1), r"model.bogus_field"),
+    (dict(position_embedding="sinusoid"), r"model.position_embedding='sinusoid'"),
+    (dict(norm_position="post"), r"model.norm_position"),
 ])
 def test_config_errors_name_the_setting(kw, match):
   with pytest.raises(ValueError, match=match):
