@@ -1,0 +1,4 @@
+"""Sharing weights: Hugging Face import/export (`load_hf`, `export_hf`) and self-describing
+Orbax checkpoints (`save`, `load`; `python -m zoo.hub.inspect PATH` prints one)."""
+
+from zoo.hub.hf import export_hf, load_hf  # noqa: F401
