@@ -42,6 +42,27 @@ MODELS: Dict[str, Callable] = {"llama_lm": _llama_lm, "modernbert": _modernbert,
                                "captioner": _captioner}
 
 
+# The model class each name builds (module, class), for going from a model back to its name.
+CLASSES: Dict[str, tuple] = {
+    "llama_lm": ("zoo.language.llama", "DecoderLM"),
+    "modernbert": ("zoo.language.encoder", "TextEncoder"),
+    "vit": ("zoo.vision.vit", "ViT"),
+    "biformer_net": ("zoo.vision.biformer", "BiFormer"),
+    "clip": ("zoo.multimodal.clip", "CLIP"),
+    "captioner": ("zoo.multimodal.captioner", "Captioner"),
+}
+
+
+def name_of(model: nnx.Module) -> str:
+  """The registered name that builds `model`'s class (e.g. DecoderLM -> "llama_lm")."""
+  cls = type(model)
+  for name, (module, qualname) in CLASSES.items():
+    if cls.__module__ == module and cls.__qualname__ == qualname:
+      return name
+  raise ValueError(f"{cls.__module__}.{cls.__qualname__} is not a registered model; "
+                   f"registered: {sorted(MODELS)}")
+
+
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:
   name = model_cfg.get("name")
   if name not in MODELS:
