@@ -28,19 +28,35 @@ the layer is exactly `mha` (tested). Parameters are initialised that way
 (the delta / identity initialisation), so a fresh layer with group_norm=False
 equals `mha` with the same projections.
 
-What the paper leaves open / what is chosen here ([confirm] against the paper):
-  * kernel sizes: option kq_kernel=(cq, ck), default (6, 11); the key window is
-    centred (ck//2 keys on the left, ck - 1 - ck//2 on the right).
-  * placement: key-query conv pre-softmax (on logits); head mixing option
-    head_mix = "post" (on weights, default), "pre" (on logits, before softmax)
-    or "none". After post-softmax mixing, rows need not sum to one.
+What is chosen here, checked against the authors' released code
+(github.com/facebookresearch/RAM, projects/mta/mta_transformer.py and
+configs/*_mta.yaml):
+  * kernel sizes: option kq_kernel=(cq, ck), default (6, 11), the released
+    configs' query_kernel_size / key_kernel_size; the key window is centred
+    (their pad_key="both": ck//2 keys each side for odd ck), the query window
+    reads the cq - 1 previous queries. Confirmed.
+  * masking: source logits zeroed where invisible before the conv, -inf after
+    it; the conv is initialised to the identity (their init_method="identity").
+    Confirmed.
   * head mixing: one learned [G, G] matrix per group of G = head_group adjacent
-    query heads (default 2), initialised to the identity.
-  * group norm: per-head RMSNorm over head_dim with a learned gain gamma [Hq, D]
-    (init 1), times the depth scale 1 - lambda_init(l),
-    lambda_init(l) = 0.8 - 0.6 exp(-0.3 l) with l = cfg.layer (0-based; the
-    Differential Transformer schedule, "Std (confirm)"); option depth_scale
-    overrides it. group_norm=False turns the normalisation off.
+    query heads, identity-initialised, on the weights after softmax
+    (head_mix="post", their head_kernel_size) or on the logits before it
+    (head_mix="pre", their pre_sm_linear_head, which mixes all heads:
+    head_group = num_heads). Their 300M-1B configs use G = num_heads; our
+    default G = 2 keeps the layer cheap at small head counts.
+  * group norm: RMSNorm over head_dim of each head's output, eps 1e-5, with one
+    gain [D] shared by all heads (their `subln = RMSNorm(head_dim)`), times the
+    depth scale 1 - lambda_init(l), lambda_init(l) = 0.8 - 0.6 exp(-0.3 l)
+    (l = cfg.layer, 0-based; the Differential Transformer schedule, their
+    `layer_norm_rescale`). Their released configs turn the depth scale off
+    (layer_norm_rescale: false): depth_scale=1.0 gives that.
+  * output gate (option gate="scalar", default "none"): their add_gating with
+    gate_1d, o_h <- o_h * sigmoid(w . o_h + b), w [D] and b shared by all
+    heads, after the group norm; the released configs turn it on.
+  * not implemented: their optional second key-query conv on the weights after
+    softmax (after_sm_query/key_kernel_size), which would need a second halo of
+    query rows on the chunked path; and their use of MTA in every fourth layer
+    only, which is a model pattern here (model.attention="mha,mha,multi_token,mha").
 
 Kernel: the conv couples neighbouring rows of logits *before* the softmax,
 which breaks online-softmax tiling over keys, so there is **no Pallas kernel**
@@ -60,6 +76,7 @@ Options (`model.attention_options.<name>`):
   head_mix ("post" | "pre" | "none", "post"): where head mixing acts.
   group_norm (bool, True): per-head RMSNorm with depth scaling.
   depth_scale (float or None, None): overrides 1 - lambda_init(cfg.layer).
+  gate ("none" | "scalar", "none"): the scalar sigmoid gate on each head's output.
   block_q (int, 128): query rows per block on the chunked path.
 """
 
@@ -80,6 +97,8 @@ from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference as flash_reference
 
 HEAD_MIX = ("post", "pre", "none")
+GATES = ("none", "scalar")
+NORM_EPS = 1e-5  # the authors' subln RMSNorm
 
 
 def _check_impl(implementation: str):
@@ -107,8 +126,9 @@ def _mix_heads(w: jax.Array, mix: jax.Array, head_axis: int) -> jax.Array:
 
 
 def group_rms_norm(o: jax.Array, gamma: Optional[jax.Array], depth_scale: float,
-                   eps: float = 1e-6) -> jax.Array:
-  """Per-head RMSNorm over head_dim of o [B, T, Hq, D], times gamma [Hq, D] and depth_scale."""
+                   eps: float = NORM_EPS) -> jax.Array:
+  """Per-head RMSNorm over head_dim of o [B, T, Hq, D], times gamma ([D], shared by the heads,
+  or [Hq, D]) and depth_scale."""
   of = o.astype(jnp.float32)
   of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + eps)
   if gamma is not None:
@@ -274,6 +294,9 @@ class MultiTokenAttention(MultiHeadAttention):
       raise _bad("depth_scale", "a number or null", ds)
     self.depth_scale = (depth_scale_for_layer(getattr(cfg, "layer", 0)) if ds is None
                         else float(ds))
+    self.gate = cfg.option("gate", "none")
+    if self.gate not in GATES:
+      raise _bad("gate", f"one of {GATES}", self.gate)
     self.block_q = cfg.option("block_q", 128)
     if not (_is_int(self.block_q) and self.block_q >= 1):
       raise _bad("block_q", "a positive integer", self.block_q)
@@ -282,8 +305,15 @@ class MultiTokenAttention(MultiHeadAttention):
     self.head_mix_w = (nnx.Param(jnp.broadcast_to(jnp.eye(g, dtype=pd), (hq // g, g, g)),
                                  logical_axes=(None, None, None))
                        if self.head_mix != "none" else None)
-    self.norm_gamma = (nnx.Param(jnp.ones((hq, d), pd), logical_axes=("heads", "head_dim"))
+    self.norm_gamma = (nnx.Param(jnp.ones((d,), pd), logical_axes=("head_dim",))
                        if self.group_norm else None)
+    if self.gate == "scalar":
+      # The authors initialise w like the projections (truncated normal, std dim^-0.5).
+      w = d ** -0.5 * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, (d,), pd)
+      self.gate_w = nnx.Param(w, logical_axes=("head_dim",))
+      self.gate_b = nnx.Param(jnp.zeros((), pd))
+    else:
+      self.gate_w = self.gate_b = None
 
   def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
            positions: jax.Array) -> jax.Array:
@@ -293,4 +323,7 @@ class MultiTokenAttention(MultiHeadAttention):
                               block_q=self.block_q, implementation=self.cfg.implementation)
     if self.group_norm:
       o = group_rms_norm(o, self.norm_gamma[...], self.depth_scale)
+    if self.gate_w is not None:
+      g = jnp.einsum("bthd,d->bth", o.astype(jnp.float32), self.gate_w[...].astype(jnp.float32))
+      o = o * jax.nn.sigmoid(g + self.gate_b[...].astype(jnp.float32))[..., None].astype(o.dtype)
     return o

@@ -127,12 +127,30 @@ def test_layer_fast_vs_reference_and_causal():
 
 def test_bad_options_error():
   for name, bad in [("kq_kernel", (0, 3)), ("head_group", 3), ("head_mix", "mid"),
-                    ("group_norm", 1), ("block_q", 0), ("depth_scale", "x")]:
+                    ("group_norm", 1), ("block_q", 0), ("depth_scale", "x"), ("gate", "vector")]:
     with pytest.raises(ValueError, match=f"model.attention_options.{name}"):
       _layer(**{name: bad})
   with pytest.raises(ValueError, match="no implementation='pallas' kernel"):
     _layer("pallas")
   assert _layer(head_mix="none").head_mix_w is None
+
+
+def test_group_norm_and_scalar_gate_as_the_authors_code():
+  """o_h <- sigmoid(w . n_h + b) n_h, n_h = depth_scale * gamma * RMSNorm(o_h) (eps 1e-5),
+  gamma [D] and w [D] shared by all heads (facebookresearch/RAM, projects/mta)."""
+  plain, gated = _layer(group_norm=False), _layer(gate="scalar", depth_scale=0.5)
+  gated.qkv, gated.out, gated.kq_kernel, gated.head_mix_w = (
+      plain.qkv, plain.out, plain.kq_kernel, plain.head_mix_w)
+  gated.norm_gamma[...] = jax.random.normal(jax.random.key(7), (8,))
+  assert gated.norm_gamma.shape == (8,) and gated.gate_w.shape == (8,)
+  x = jax.random.normal(jax.random.key(4), (2, 10, 32))
+  q, k, v = plain.qkv(x)
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  mask, _ = plain.resolve_mask(x, None, pos)
+  o = plain.core(x, q, k, v, mask, pos)
+  n = 0.5 * gated.norm_gamma[...] * o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + 1e-5)
+  want = n * jax.nn.sigmoid(n @ gated.gate_w[...] + gated.gate_b[...])[..., None]
+  assert rel_err(gated.core(x, q, k, v, mask, pos), want) < 1e-5
 
 
 def test_decoder_lm_grad_step():
