@@ -56,7 +56,8 @@ multi-head cross-attention probe of MAE / V-JEPA / big_vision "MAP" heads,
 
     Q = P W_Q,  K = X W_K,  V = X W_V      (P: [M, d] learned, H heads of d/H)
     y_j = concat_h softmax(Q_{j,h} K_h^T / sqrt(d/H) + pad) V_h  W_O
-    with mlp_dim: y_j <- y_j + MLP(LayerNorm(y_j))   (big_vision's MAP block)
+    with mlp_dim: y_j <- y_j + MLP(LayerNorm(y_j))   (big_vision's MAP block; the LayerNorm's
+                                              eps `norm_eps`, the MLP's `mlp_activation`)
     pooled = mean_j y_j                      (one query, M = 1, by default)
 
 It has 4 d^2 projection parameters where EP has d d'; `num_params` compares them.
@@ -180,9 +181,10 @@ class AttentiveProbe(pooling.PoolingHead):
   Options: num_queries (M; default 32 for EP, as its code, 1 for MHA), num_heads
   (H; default 1 for EP, 8 for MHA where d divides), value_dim (d'; EP only,
   default d), value_proj (EP: keep W_V, default True), combine ("concat" | "mean"),
-  mlp_dim (MHA: the MAP block's MLP width; None: no MLP), use_bias (projection
-  biases), stop_gradient (default True: a probe on frozen features),
-  implementation (the flash backend).
+  mlp_dim (MHA: the MAP block's MLP width; None: no MLP), norm_eps / mlp_activation
+  (MHA with mlp_dim: its LayerNorm eps, default 1e-6, and MLP activation, default tanh
+  GELU; SigLIP's head takes the encoder's), use_bias (projection biases), stop_gradient
+  (default True: a probe on frozen features), implementation (the flash backend).
   Parameters: EP: queries [M, d] ("queries", "embed"), W_V [d, d'] ("embed", None);
   MHA: queries, W_Q/W_K/W_V [d, H, d/H] ("embed", "heads", "head_dim"), W_O.
   """
@@ -190,7 +192,9 @@ class AttentiveProbe(pooling.PoolingHead):
   def __init__(self, d_model: int, *, num_classes: Optional[int] = None, variant: str = "ep",
                num_queries: Optional[int] = None, num_heads: Optional[int] = None,
                value_dim: Optional[int] = None, value_proj: bool = True, combine: str = "concat",
-               mlp_dim: Optional[int] = None, use_bias: bool = False, stop_gradient: bool = True,
+               mlp_dim: Optional[int] = None, norm_eps: float = 1e-6,
+               mlp_activation: Optional[str] = None, use_bias: bool = False,
+               stop_gradient: bool = True,
                implementation: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     pooling.check_positive("d_model", d_model)
@@ -241,9 +245,9 @@ class AttentiveProbe(pooling.PoolingHead):
       self.o = Linear((h, hd), d_model, axes=("heads", "head_dim", "embed"), **kw)
       if mlp_dim is not None:
         pooling.check_positive("mlp_dim", mlp_dim)
-        self.norm = LayerNorm(d_model, param_dtype=param_dtype)
-        self.mlp = MLP(d_model, mlp_dim, kind="gelu", use_bias=True, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(d_model, mlp_dim, kind="gelu", activation=mlp_activation, use_bias=True,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       else:
         self.norm = self.mlp = None
       out_dim = d_model

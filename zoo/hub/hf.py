@@ -173,7 +173,7 @@ def load_hf(path: str, *, dtype: Optional[str] = None) -> Tuple[nnx.Module, ml_c
   conv = table[model_type]
   model_cfg = conv.to_zoo_config(hf_config)
   if dtype is not None:
-    model_cfg.dtype = model_cfg.param_dtype = dtype
+    _set_dtype(model_cfg, dtype)
   tensors = _Tracked(read_tensors(path))
   params = conv.to_zoo_params(tensors, hf_config, model_cfg)
   left = sorted(n for n in set(tensors) - tensors.used if not conv.ignorable(n))
@@ -182,6 +182,14 @@ def load_hf(path: str, *, dtype: Optional[str] = None) -> Tuple[nnx.Module, ml_c
   model = nnx.eval_shape(lambda: build_model(model_cfg))
   assign(model, params)
   return model, model_cfg
+
+
+def _set_dtype(cfg, dtype: str) -> None:
+  """Sets dtype and param_dtype on the model config, or on each tower of a dual encoder or
+  captioner (whose own config has `image` / `text` sub-configs instead)."""
+  towers = [cfg[k] for k in ("image", "text") if k in cfg]
+  for target in towers + ([cfg] if "dtype" in cfg or not towers else []):
+    target["dtype"] = target["param_dtype"] = dtype
 
 
 class _Tracked(dict):
@@ -225,8 +233,10 @@ def export_hf(model: nnx.Module, path: str, *, architecture: Optional[str] = Non
   hf_config = dict(conv.to_hf_config(model), architectures=[conv.architecture])
   tensors = conv.to_hf_tensors(flat_params(model), model)
   os.makedirs(path, exist_ok=True)
-  save_file({k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)
-                                     if np.asarray(v).dtype == jnp.bfloat16 else np.asarray(v))
+  # np.require keeps 0-d tensors 0-d (CLIP's logit_scale); ascontiguousarray makes them [1].
+  save_file({k: np.require(np.asarray(v, dtype=np.float32)
+                           if np.asarray(v).dtype == jnp.bfloat16 else np.asarray(v),
+                           requirements="C")
              for k, v in tensors.items()},
             os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:

@@ -7,11 +7,13 @@ Scale" (Dosovitskiy et al., 2021), in the form of big_vision's `vit.py`:
                                                             each patch flattened (row, col, channel))
     z_0   = x_p E + b_E + E_pos                            E: [P, P, C, d], E_pos: [N, d]
     z_0   = [x_cls; z_0]                                   (optional class token, no E_pos of its own)
+    z_0   = LN(z_0)                                        (pre_norm=True only: CLIP's pre_layrnorm)
     z_l   = Block_l(z_{l-1})      pre-norm: h = z + Attn(LN(z)),  z' = h + MLP(LN(h)),  non-causal
     y     = LN(z_L)                                        `encode` returns y  [B, 1 + N | N, d]
     logits = Head(y)   pool="cls": y_0 W_c + b_c;  "gap": (mean_i y_i) W_c + b_c;  "map":
                        attention pooling (big_vision's MAPHead: layers/pooling "attentive_probe",
-                       variant="mha", one query, the encoder's heads and MLP width);
+                       variant="mha", one query, the encoder's heads, MLP width and
+                       activation, LayerNorm eps: SigLIP's MultiheadAttentionPoolingHead);
                        "attentive_probe" (EP), "lowrank_pool": those heads' defaults
     (the pooling heads read the patch tokens only: a class token, if any, is left out;
     `model.pooling_options` override their options; they train with the encoder:
@@ -20,6 +22,14 @@ Scale" (Dosovitskiy et al., 2021), in the form of big_vision's `vit.py`:
 The patch embedding is a `Linear` whose kernel keeps the patch axes
 ([P, P, C] -> d, logical axes (None, None, None, "embed")): the same map as a
 stride-P convolution with an HWIO kernel, so conv checkpoints load as they are.
+
+Knobs outside checkpoints need (zoo/hub/vit.py), each off by default:
+`patch_bias=False` drops b_E (CLIP's patch conv has none); `pre_norm=True`
+normalises z_0, class token included, before the first block (CLIP's
+`pre_layrnorm`; a LayerNorm with `norm_eps` whose parameters are `embed_norm`);
+`mlp_activation` replaces the MLP kind's own activation ("gelu_exact" for HF
+ViT, "quick_gelu" for OpenAI CLIP; layers/mlp.py).
+
 Position embeddings are learned (`posemb="learn"`, N(0, 1/d), big_vision) or the
 fixed 2-D sin-cos table (`posemb="sincos2d"`, "Better plain ViT baselines for
 ImageNet-1k", big_vision `posemb_sincos_2d`): for the patch at grid (row y,
@@ -91,6 +101,7 @@ from layers.attention.config import AttentionConfig, parse_options
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention, mha_probs
 from layers.linear import Linear
+from layers.mlp import ACTIVATIONS
 from layers.norms import make_norm
 from zoo.model_config import (attention_config, from_model_config, parse_dtype, parse_pattern,
                                transformer_blocks)
@@ -175,6 +186,9 @@ class ViTConfig:
   norm: str = "layernorm"
   norm_eps: float = 1e-6
   use_bias: bool = True
+  mlp_activation: Optional[str] = None  # None: mlp_kind's own (tanh GELU); layers/mlp.ACTIVATIONS
+  patch_bias: bool = True  # b_E of the patch embedding (CLIP's patch conv has none)
+  pre_norm: bool = False  # a norm on z_0 before the first block (CLIP's pre_layrnorm)
   attention: str = "mha"
   attention_options: Tuple[Tuple[str, object], ...] = ()
   posemb: str = "learn"
@@ -229,6 +243,12 @@ class ViTConfig:
     s("pooling_options", _options(self.pooling_options, "model.pooling_options"))
     if self.pool == "cls" and self.pooling_options:
       raise ValueError("model.pooling_options are options of a pooling head; pool='cls' has none")
+    if self.mlp_activation is not None and self.mlp_activation not in ACTIVATIONS:
+      raise ValueError(f"model.mlp_activation={self.mlp_activation!r} is not one of "
+                       f"{sorted(ACTIVATIONS)} (or None: the mlp_kind's own)")
+    for name in ("patch_bias", "pre_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name}={getattr(self, name)!r} must be true or false")
     parse_dtype(self.dtype, "model.dtype")
     parse_dtype(self.param_dtype, "model.param_dtype")
     parse_pattern(self.attention, self.num_layers)
@@ -366,8 +386,9 @@ class ViT(nnx.Module):
     param_dtype = parse_dtype(cfg.param_dtype, "model.param_dtype")
     self.dtype = dtype
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
-    self.patch_embed = Linear((p, p, c), d, axes=(None, None, None, "embed"), use_bias=True,
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.patch_embed = Linear((p, p, c), d, axes=(None, None, None, "embed"),
+                              use_bias=cfg.patch_bias, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
     if cfg.posemb == "learn":
       init = d ** -0.5 * jax.random.normal(rngs.params(), (cfg.num_patches, d), param_dtype)
       self.posemb = nnx.Param(init, logical_axes=(None, "embed"))
@@ -375,6 +396,8 @@ class ViT(nnx.Module):
       self.posemb = None
     self.cls_token = (nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("embed",))
                       if cfg.class_token else None)
+    self.embed_norm = (make_norm(cfg.norm, d, eps=cfg.norm_eps, param_dtype=param_dtype)
+                       if cfg.pre_norm else None)
     self.blocks = transformer_blocks(cfg, rngs)
     for l in cfg.prune_layers:
       attn = self.blocks[l].attention
@@ -389,7 +412,8 @@ class ViT(nnx.Module):
       options = {"stop_gradient": False}  # the head trains with the encoder
       if cfg.pool == "map":  # big_vision's MAPHead: one query, the encoder's heads and MLP
         options.update(variant="mha", num_queries=1, num_heads=cfg.num_heads,
-                       mlp_dim=cfg.mlp_dim, use_bias=True)
+                       mlp_dim=cfg.mlp_dim, use_bias=True, norm_eps=cfg.norm_eps,
+                       mlp_activation=cfg.mlp_activation)
       if cfg.pool in ("map", "attentive_probe"):
         options["implementation"] = cfg.implementation
       options.update(dtype=dtype, param_dtype=param_dtype)
@@ -404,7 +428,8 @@ class ViT(nnx.Module):
   # ------------------------------------------------------------------------- stages
 
   def embed(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, C] -> the input tokens z_0 [B, (1 +) N, d] (class token first)."""
+    """images [B, H, W, C] -> the input tokens z_0 [B, (1 +) N, d] (class token first;
+    normalised with pre_norm)."""
     cfg = self.cfg
     want = (*cfg.image_size, cfg.num_channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
@@ -419,7 +444,7 @@ class ViT(nnx.Module):
     if self.cls_token is not None:
       cls_tok = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (x.shape[0], 1, x.shape[2]))
       x = jnp.concatenate([cls_tok, x], axis=1)
-    return x
+    return x if self.embed_norm is None else self.embed_norm(x)
 
   def encode(self, images: jax.Array, *, return_indices: bool = False):
     """images -> tokens after the final norm [B, T, d] (T = (1 +) N, fewer after pruning).

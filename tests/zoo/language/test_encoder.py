@@ -1,5 +1,7 @@
 """The ModernBERT-style encoder and its masked-LM task."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -127,3 +129,67 @@ def test_config_errors_name_the_field():
     EncoderConfig(vocab_size=V, pool="max")
   with pytest.raises(ValueError, match=r"model.global_every"):
     EncoderConfig(vocab_size=V, global_every=0)
+
+
+# Knobs outside encoders need (BERT, CLIP and SigLIP text towers) -----------------------
+
+def test_first_block_has_no_attention_norm_under_pre_norm_only():
+  blocks = tiny().blocks
+  assert blocks[0].attn_norm is None and blocks[1].attn_norm is not None
+  assert EncoderConfig(vocab_size=V, norm_position="post").first_attn_norm is True
+
+
+def test_bert_style_post_norm_encoder_is_the_formula():
+  """h_0 = LN(E[tok] + P[pos] + S[type]); h = LN(x + Attn(x)), y = LN(h + MLP(h)); no final
+  norm."""
+  model = tiny(norm_position="post", final_norm=False, position_embedding="learned",
+               positional="nope", type_vocab_size=2, mlp_kind="gelu", mlp_activation="gelu_exact",
+               use_bias=True, head_bias=True, global_every=1, num_layers=2, max_seq_len=16)
+  toks = jax.random.randint(jax.random.key(5), (2, 10), 0, 40)
+  types = jnp.zeros_like(toks).at[:, 5:].set(1)
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  x = model.embed_norm(model.embed(toks) + model.position_embed(pos) + model.type_embed(types))
+  for blk in model.blocks:
+    h = blk.attn_norm(x + blk.attention(x))
+    x = blk.mlp_norm(h + blk.mlp(h))
+  np.testing.assert_allclose(model.encode(toks, token_type_ids=types), x, atol=1e-5)
+  assert model.head_dense.bias is not None
+  # token_type_ids=None means all zeros.
+  np.testing.assert_array_equal(model.encode(toks),
+                                model.encode(toks, token_type_ids=jnp.zeros_like(toks)))
+
+
+def test_causal_text_tower_is_causal():
+  model = tiny(causal=True, embed_norm=False, position_embedding="learned", positional="nope",
+               mlm_head=False, global_every=1, max_seq_len=16)
+  toks = jax.random.randint(jax.random.key(6), (2, 12), 0, 40)
+  a = model.encode(toks)
+  b = model.encode(toks.at[:, 8:].set((toks[:, 8:] + 5) % 40))
+  np.testing.assert_array_equal(a[:, :8], b[:, :8])
+  assert float(jnp.abs(a[:, 8:] - b[:, 8:]).max()) > 1e-3
+
+
+def test_pool_last_argmax_eos_pick_their_positions():
+  f = jax.random.normal(jax.random.key(7), (2, 6, 32))
+  toks = jnp.array([[5, 9, 39, 3, 39, 0], [1, 2, 3, 4, 5, 38]])
+  cfg = EncoderConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, mlp_dim=64)
+  pool = lambda **kw: nnx.eval_shape(
+      lambda: TextEncoder(dataclasses.replace(cfg, **kw), rngs=nnx.Rngs(0))).pool
+  np.testing.assert_array_equal(pool(pool="last")(f), f[:, -1])
+  np.testing.assert_array_equal(pool(pool="argmax")(f, tokens=toks), f[[0, 1], [2, 5]])
+  np.testing.assert_array_equal(pool(pool="eos", eos_id=3)(f, tokens=toks), f[[0, 1], [3, 2]])
+  with pytest.raises(ValueError, match="pass tokens"):
+    pool(pool="argmax")(f)
+
+
+def test_new_knob_errors_name_the_field():
+  for kw, field in [(dict(norm_position="mid"), "model.norm_position"),
+                    (dict(norm_position="post", first_attn_norm=False), "model.first_attn_norm"),
+                    (dict(position_embedding="sinusoidal"), "model.position_embedding"),
+                    (dict(pool="eos"), "model.eos_id"),
+                    (dict(head_activation="tanh"), "model.head_activation")]:
+    with pytest.raises(ValueError, match=field):
+      EncoderConfig(vocab_size=V, **kw)
+  with pytest.raises(ValueError, match="model.type_vocab_size=0"):
+    tiny(mlm_head=False, num_layers=1).encode(jnp.zeros((1, 4), jnp.int32),
+                                              token_type_ids=jnp.zeros((1, 4), jnp.int32))

@@ -113,3 +113,22 @@ def test_config_errors_name_the_tower_field():
     build_model(cfg)
   with pytest.raises(ValueError, match=r"model\.loss"):
     CLIPConfig(vocab_size=30, loss="hinge")
+
+
+def test_checkpoint_knobs():
+  """image_projection=False: the pooled image vector is the embedding (embed_dim must be its
+  width); text_projection_bias adds a bias; mask_padding=False makes pads ordinary tokens."""
+  b = batch()
+  model = tiny(image_projection=False, embed_dim=32, text_projection_bias=True)
+  assert model.image_proj is None and model.text_proj.bias is not None
+  pooled = model.image_tower(b["image"])
+  np.testing.assert_allclose(model.encode_image(b["image"]),
+                             pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"model\.embed_dim"):
+    tiny(image_projection=False, embed_dim=16)
+  with pytest.raises(ValueError, match=r"model\.mask_padding"):
+    CLIPConfig(vocab_size=30, mask_padding="no")
+  longer = np.concatenate([b["text"], np.zeros((6, 5), np.int32)], axis=1)
+  masked, unmasked = tiny(), tiny(mask_padding=False)
+  np.testing.assert_allclose(masked.encode_text(b["text"]), masked.encode_text(longer), atol=1e-5)
+  assert not np.allclose(unmasked.encode_text(b["text"]), unmasked.encode_text(longer), atol=1e-3)

@@ -227,6 +227,8 @@ def test_build_from_config_dict():
     (dict(pool="max"), "model.pool"),
     (dict(attention="nope_such"), "model.attention"),
     (dict(num_heads=5), "num_heads"),
+    (dict(mlp_activation="gelu_fast"), "model.mlp_activation"),
+    (dict(pre_norm=1), "model.pre_norm"),
 ])
 def test_bad_config_names_the_field(kw, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -252,3 +254,23 @@ def test_num_classes_zero_gives_the_pooled_vector():
   np.testing.assert_allclose(model(x), model.encode(x)[:, 0], rtol=1e-6)
   gap = ViT(dataclasses.replace(cfg, pool="gap", class_token=None), rngs=nnx.Rngs(0))
   assert gap(x).shape == (2, gap.features_dim)
+
+
+def test_checkpoint_knobs():
+  """patch_bias=False drops b_E; pre_norm normalises z_0 (class token too) before the blocks;
+  mlp_activation replaces the MLP's tanh GELU, in the blocks and the MAP head, whose
+  LayerNorm takes the encoder's norm_eps (SigLIP's head)."""
+  x = images()
+  plain = tiny()
+  assert tiny(patch_bias=False).patch_embed.bias is None and plain.embed_norm is None
+  model = tiny(pre_norm=True, norm_eps=1e-5)
+  z = nnx.jit(lambda m, x: m.embed(x))(model, x)
+  np.testing.assert_allclose(jnp.mean(z, -1), 0.0, atol=1e-5)  # fresh LN: scale 1, bias 0
+  np.testing.assert_allclose(jnp.var(z[:, 1:], -1), 1.0, rtol=1e-3)  # (the cls token is 0)
+  exact = tiny(mlp_activation="gelu_exact")
+  np.testing.assert_allclose(exact.blocks[0].mlp.act(x), jax.nn.gelu(x, approximate=False))
+  assert not np.allclose(logits_and_tokens(exact, x)[0], logits_and_tokens(plain, x)[0])
+  head = tiny(pool="map", mlp_activation="quick_gelu", norm_eps=1e-5).head
+  assert head.norm.eps == 1e-5
+  np.testing.assert_allclose(head.mlp.act(x), x * jax.nn.sigmoid(1.702 * x), rtol=1e-6)
+  assert tiny(pool="map").head.norm.eps == 1e-6  # the default head is unchanged
