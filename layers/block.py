@@ -8,11 +8,15 @@ parameterised by attention family (registry id), norm, MLP kind and activation,
 and positional encoding (inside the attention config). `attn_norm=False` makes
 the pre-norm before attention the identity (ModernBERT's first layer, whose
 input the embedding norm has already normalised).
+
+Decoding: `init_cache`, `prefill` and `decode` run the same sublayers with the
+attention's KV-cache methods (layers/attention/mha.py) in place of its call,
+returning (y, cache).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 from flax import nnx
@@ -54,3 +58,28 @@ class TransformerBlock(nnx.Module):
     h = x if self.attn_norm is None else self.attn_norm(x)
     x = x + self.attention(h, mask=mask, positions=positions)
     return x + self.mlp(self.mlp_norm(x))
+
+  # Decoding ------------------------------------------------------------------
+  def _residual(self, x: jax.Array, attend: Callable[[jax.Array], Tuple[jax.Array, Any]]
+                ) -> Tuple[jax.Array, Any]:
+    """The block with `attend(h) -> (attention output, aux)` as its attention sublayer."""
+    if self.norm_position == "post":
+      a, aux = attend(x)
+      x = self.attn_norm(x + a)
+      return self.mlp_norm(x + self.mlp(x)), aux
+    a, aux = attend(x if self.attn_norm is None else self.attn_norm(x))
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), aux
+
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    return self.attention.init_cache(batch, capacity, dtype)
+
+  def prefill(self, x: jax.Array, cache, *, lengths: Optional[jax.Array] = None,
+              mask: Optional[Mask] = None, positions: Optional[jax.Array] = None):
+    """The parallel forward over prompts x [B, T, d] -> (y, cache with their K/V)."""
+    return self._residual(x, lambda h: self.attention.prefill(
+        h, cache, lengths=lengths, mask=mask, positions=positions))
+
+  def decode(self, x: jax.Array, cache):
+    """New tokens x [B, Tq, d] at the cache's next positions -> (y, cache + them)."""
+    return self._residual(x, lambda h: self.attention.decode(h, cache))

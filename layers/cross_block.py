@@ -23,23 +23,25 @@ through `flash_attention` (layers/attention/cross_attention.py). An example
 whose context has no real position gets a zero cross-attention update (the
 sublayer is skipped: y = h + MLP(Norm(h)) with h = x + SelfAttn(Norm(x))).
 
-Generation: the self-attention families here keep no KV cache, so a decoder
-built from this block recomputes self-attention over the prefix; the context
-side is cached (`context_kv` once per example), and
-`block.cross_attention.decode(x_t, kv)` runs a cross-attention step through
-`decode_attention`.
+Generation: `block.init_cache(batch, capacity)` is the self-attention's KV
+cache (layers/attention/kv_cache.py); the context side is cached once per
+example (`context_kv`). `block.prefill(x, cache, kv=)` runs the parallel form over
+the prompt and fills the cache; `block.decode(x_t, cache, kv=)` runs a step: the
+self-attention over its cache and `cross_attention.decode(x_t, kv)` over the
+context, both through `decode_attention`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 from flax import nnx
 
 from layers.attention.config import AttentionConfig
 from layers.attention.cross_attention import ContextKV, CrossAttention
+from layers.attention.kv_cache import KVCache
 from layers.attention.masks import Mask
 from layers.block import TransformerBlock
 from layers.norms import make_norm
@@ -92,3 +94,24 @@ class CrossAttentionBlock(TransformerBlock):
     h = h + self.cross_attention(self.cross_norm(h), context, kv=kv,
                                  context_lengths=context_lengths, context_mask=context_mask)
     return h + self.mlp(self.mlp_norm(h))
+
+  # Decoding ------------------------------------------------------------------
+  def _cross_and_mlp(self, h: jax.Array, kv: ContextKV, *, step: bool) -> jax.Array:
+    c = self.cross_norm(h)
+    h = h + (self.cross_attention.decode(c, kv) if step else self.cross_attention(c, kv=kv))
+    return h + self.mlp(self.mlp_norm(h))
+
+  def prefill(self, x: jax.Array, cache: KVCache, *, kv: ContextKV,
+              lengths: Optional[jax.Array] = None, mask: Optional[Mask] = None,
+              positions: Optional[jax.Array] = None) -> Tuple[jax.Array, KVCache]:
+    """The parallel forward over prompts x [B, T, d] against the cached context `kv`
+    -> (y, the self-attention cache holding their K/V)."""
+    a, cache = self.attention.prefill(self.attn_norm(x), cache, lengths=lengths, mask=mask,
+                                      positions=positions)
+    return self._cross_and_mlp(x + a, kv, step=False), cache
+
+  def decode(self, x: jax.Array, cache: KVCache, *, kv: ContextKV
+             ) -> Tuple[jax.Array, KVCache]:
+    """New tokens x [B, Tq, d] at the cache's next positions -> (y, cache + them)."""
+    a, cache = self.attention.decode(self.attn_norm(x), cache)
+    return self._cross_and_mlp(x + a, kv, step=True), cache

@@ -21,6 +21,18 @@ The core runs through `pallas_kernels.flash_attention`, whose
 `implementation="auto"` picks the best backend for the platform and ends at
 the memory-efficient XLA path; `implementation="reference"` runs the dense
 quadratic form and can return the attention probabilities.
+
+Decoding (ARCHITECTURE.md, contract point 7): `init_cache(batch, capacity)` makes
+a `KVCache` (layers/attention/kv_cache.py: k, v [B, S, Hkv, D] after the
+positional transform, lengths [B]); `prefill(x, cache, lengths=)` runs the
+parallel path above and writes the prompt's K/V; `decode(x_new, cache)` projects
+the new tokens, transforms q and k at their positions L_b + t (RoPE and every
+per-token (a) transform), appends k, v and attends over the cache through
+`decode_attention` (`attend_cache`; a window or an ALiBi/BAM distance bias runs
+the flash path over the cache instead). prefill + decode steps equal the
+parallel forward over the whole sequence. Families that change the core, and
+encodings that own the attention (CoPE, rope_buckets), have no decode path:
+`decode_refusal()` says why and the cache methods raise it.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from flax import nnx
 
 from layers.attention import registry
 from layers.attention.config import AttentionConfig
+from layers.attention.kv_cache import KVCache, attend_cache
 from layers.attention.masks import Mask
 from layers.attention.positional import POSITIONAL, make_positional
 from layers.attention.projection import OutProjection, QKVProjection
@@ -125,3 +138,56 @@ class MultiHeadAttention(nnx.Module):
     """Score and value matmul FLOPs per token, forward + backward (PaLM's 12 Hq Dh T)."""
     heads = self.cfg.num_heads * self.positional.heads_per_query
     return 12.0 * heads * self.cfg.head_dim * seq_len
+
+  # Decoding ------------------------------------------------------------------
+  def decode_refusal(self) -> Optional[str]:
+    """Why this layer has no KV-cache decode path (a message naming the setting), or None."""
+    cls = type(self)
+    if cls.core is not MultiHeadAttention.core or cls.__call__ is not MultiHeadAttention.__call__:
+      family = getattr(cls, "family_id", cls.__name__)
+      return (f"attention={family!r} (model.attention) has no KV-cache decode path; "
+              "use attention='mha' (or 'sqa') to generate")
+    if self.positional.owns_attention:
+      return (f"positional={self.cfg.positional!r} (model.positional) computes the attention "
+              "itself and has no KV-cache decode path")
+    if not self.cfg.causal:
+      return "a bidirectional attention layer (causal=False) has no KV-cache decode path"
+    return None
+
+  def _check_decodable(self) -> None:
+    refusal = self.decode_refusal()
+    if refusal is not None:
+      raise ValueError(refusal)
+
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache of `capacity` positions per sequence (dtype: cfg.dtype by default)."""
+    self._check_decodable()
+    cfg = self.cfg
+    return KVCache.zeros(batch, capacity, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.dtype if dtype is None else dtype)
+
+  def prefill(self, x: jax.Array, cache: KVCache, *, lengths: Optional[jax.Array] = None,
+              mask: Optional[Mask] = None, positions: Optional[jax.Array] = None
+              ) -> Tuple[jax.Array, KVCache]:
+    """The parallel forward over prompts x [B, T, d] (right-padded; `lengths` [B] real
+    tokens, T by default) -> (y [B, T, d], the cache holding their K/V at 0..T-1)."""
+    self._check_decodable()
+    mask, positions = self.resolve_mask(x, mask, positions)
+    q, k, v = self.qkv(x)
+    y = self.out(self.core(x, q, k, v, mask, positions))
+    _, k = self.positional(q, k, positions, positions)  # the cache holds transformed keys
+    if lengths is None:
+      lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+    return y, cache.fill(k, v, lengths)
+
+  def decode(self, x: jax.Array, cache: KVCache) -> Tuple[jax.Array, KVCache]:
+    """New tokens x [B, Tq, d] (Tq = 1 for a step) at positions L_b + t -> (y, cache + them)."""
+    self._check_decodable()
+    q, k, v = self.qkv(x)
+    positions = cache.positions(x.shape[1])
+    q, k = self.positional(q, k, positions, positions)
+    cache = cache.write(k, v)
+    o = attend_cache(q, cache, window=self.cfg.window,
+                     distance_bias=self.positional.distance_bias(),
+                     implementation=self.cfg.implementation)
+    return self.out(o), cache

@@ -164,26 +164,32 @@ def load(path: str, *, mesh: Optional[Mesh] = None,
   return nnx.merge(graphdef, abs_params, rest), cfg
 
 
-def load_run(workdir: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
-             ) -> Tuple[nnx.Module, ml_collections.ConfigDict]:
-  """The model of a training run's checkpoint (latest step by default), without its
-  optimizer state: -> (model, config.model)."""
+def run_config(workdir: str, step: Optional[int] = None
+               ) -> Tuple[ml_collections.ConfigDict, int]:
+  """(the config a training run stored with its checkpoint, that checkpoint's step); the
+  latest step by default. Errors name the workdir."""
   from zoo.training import checkpointing
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoints in workdir {workdir!r}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(f"no checkpoints in --workdir={workdir}")
   ckpt = checkpointing.Checkpointer(workdir)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint at step {step} in workdir {workdir!r}")
-    config = ml_collections.ConfigDict(json.loads(ckpt.read_meta(step)["config"]))
+      raise FileNotFoundError(f"no checkpoint at step {step} in --workdir={workdir}")
+    return ml_collections.ConfigDict(json.loads(ckpt.read_meta(step)["config"])), step
   finally:
     ckpt.close()
+
+
+def load_run(workdir: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
+             ) -> Tuple[nnx.Module, ml_collections.ConfigDict]:
+  """The model of a training run's checkpoint (latest step by default), without its
+  optimizer state: -> (model, config.model). Only the parameters are read."""
+  config, step = run_config(workdir, step)
   abstract = nnx.eval_shape(lambda: registry.build_model(config.model, seed=config.seed))
   graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {"params": _target(abs_params, mesh, shd.RULES)}
-  state_dir = os.path.join(ckpt_dir, str(step), "state")
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=jax.tree.map(

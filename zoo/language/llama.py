@@ -16,6 +16,12 @@ GPT-2 ("Language Models are Unsupervised Multitask Learners") is the same
 stack with `position_embedding="learned"` (a table added to the token
 embeddings, `positional="nope"` inside attention), LayerNorm, biases and a
 tanh-GELU MLP: h_0 = Embed(tokens) + P[positions].
+
+Generation (zoo/generation): `init_cache(batch, capacity)` holds one KV cache per
+layer; `prefill(tokens, cache, lengths=)` runs the parallel forward over
+right-padded prompts and fills it; `decode_step(tokens, cache)` embeds the new
+tokens at their positions L_b + t (the learned table too) and runs every
+block's cached step. Both return float32 logits and the new cache.
 """
 
 from __future__ import annotations
@@ -138,6 +144,36 @@ class DecoderLM(nnx.Module):
       else:
         x = block(x, mask=mask, positions=positions)
     return self.logits(x)
+
+  # Generation ------------------------------------------------------------------
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> Tuple:
+    """One empty KV cache per layer, `capacity` positions per sequence."""
+    if capacity > self.cfg.max_seq_len:
+      raise ValueError(f"a KV cache of {capacity} positions exceeds "
+                       f"model.max_seq_len={self.cfg.max_seq_len}")
+    return tuple(block.init_cache(batch, capacity, dtype) for block in self.blocks)
+
+  def prefill(self, tokens: jax.Array, cache: Tuple, *,
+              lengths: Optional[jax.Array] = None) -> Tuple[jax.Array, Tuple]:
+    """Prompts tokens [B, T] (right-padded, lengths [B] real tokens; T by default)
+    -> (logits [B, T, vocab] float32, the caches holding their K/V)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed_tokens(tokens, positions)
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.prefill(x, c, lengths=lengths, mask=Mask(causal=True), positions=positions)
+      new_cache.append(c)
+    return self.logits(x), tuple(new_cache)
+
+  def decode_step(self, tokens: jax.Array, cache: Tuple) -> Tuple[jax.Array, Tuple]:
+    """New tokens [B, Tq] at positions L_b + t -> (logits [B, Tq, vocab] float32, caches)."""
+    x = self.embed_tokens(tokens, cache[0].positions(tokens.shape[1]))
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.decode(x, c)
+      new_cache.append(c)
+    return self.logits(x), tuple(new_cache)
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU:

@@ -25,6 +25,13 @@ Resampler (Flamingo-style; layers/attention/perceiver_resampler.py) that compres
 image tokens to that many latents first, in either variant. Text padding (`pad_id`) is
 masked by the task's loss weights; real tokens never attend to padding that follows them
 because attention is causal over the text.
+
+Generation (zoo/generation): `init_cache(batch, capacity)` (capacity in text tokens),
+`prefill(tokens, cache, images=, lengths=)` and `decode_step(tokens, cache)`, the
+protocol of `DecoderLM`. The cross variant caches each layer's self-attention K/V
+and its projection of the image tokens (`ContextKV`, computed once at prefill);
+the prefix variant's cache holds the N image tokens then the text (positions
+N + t), so a decode step is plain causal attention over it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention.config import AttentionConfig
+from layers.attention.cross_attention import ContextKV
 from layers.attention.masks import Mask
 from layers.attention.perceiver_resampler import PerceiverResampler
 from layers.cross_block import CrossAttentionBlock
@@ -49,6 +57,16 @@ from zoo.model_config import (attention_config, from_model_config, parse_dtype, 
 from zoo.vision.vit import ViT, ViTConfig
 
 VARIANTS = ("cross", "prefix")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CaptionerCache:
+  """Per layer: the self-attention's KV cache and (cross variant, after prefill) the image
+  tokens' K/V; `context` is None in the prefix variant and before prefill."""
+
+  layers: Tuple
+  context: Optional[Tuple[ContextKV, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +176,70 @@ class Captioner(nnx.Module):
       for block in self.blocks:
         x = block(x, mask=mask, positions=positions)
       x = x[:, n:]
+    return self.logits(x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The last block's output at the text positions -> logits [B, T, vocab] in float32."""
     return self.embed.attend(self.final_norm(x)).astype(jnp.float32)
+
+  # Generation ------------------------------------------------------------------
+  def num_context_tokens(self) -> int:
+    """The image tokens the decoder reads (after the resampler, if any)."""
+    return self.cfg.resampler_latents or self.encoder.cfg.token_counts()[-1][1]
+
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> CaptionerCache:
+    """Empty caches for `capacity` text tokens per caption (the prefix variant adds room for
+    the image tokens in front)."""
+    n = self.num_context_tokens() if self.cfg.variant == "prefix" else 0
+    if n + capacity > self.cfg.max_seq_len:
+      what = f"{n} image tokens + " if n else ""
+      raise ValueError(f"{what}a KV cache of {capacity} text positions exceed "
+                       f"model.max_seq_len={self.cfg.max_seq_len}")
+    return CaptionerCache(tuple(block.init_cache(batch, n + capacity, dtype)
+                                for block in self.blocks))
+
+  def prefill(self, tokens: jax.Array, cache: CaptionerCache, *, images: jax.Array,
+              lengths: Optional[jax.Array] = None) -> Tuple[jax.Array, CaptionerCache]:
+    """Prompts tokens [B, T] (right-padded; lengths [B] real tokens, T by default) for
+    `images` -> (logits [B, T, vocab] float32 at the text positions, the filled caches)."""
+    b, t = tokens.shape
+    c = self.image_tokens(images)
+    x = self.embed(tokens)
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    new_layers = []
+    if self.cfg.variant == "cross":
+      context = tuple(block.context_kv(c) for block in self.blocks)
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      for block, layer_cache, kv in zip(self.blocks, cache.layers, context):
+        x, layer_cache = block.prefill(x, layer_cache, kv=kv, lengths=lengths,
+                                       mask=Mask(causal=True), positions=positions)
+        new_layers.append(layer_cache)
+      return self.logits(x), CaptionerCache(tuple(new_layers), context)
+    n = c.shape[1]
+    x = jnp.concatenate([self.image_proj(c).astype(x.dtype), x], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(n + t, dtype=jnp.int32), (b, n + t))
+    mask = Mask.prefix_lm(jnp.full((b,), n, jnp.int32))
+    for block, layer_cache in zip(self.blocks, cache.layers):
+      x, layer_cache = block.prefill(x, layer_cache, lengths=n + lengths, mask=mask,
+                                     positions=positions)
+      new_layers.append(layer_cache)
+    return self.logits(x[:, n:]), CaptionerCache(tuple(new_layers))
+
+  def decode_step(self, tokens: jax.Array, cache: CaptionerCache
+                  ) -> Tuple[jax.Array, CaptionerCache]:
+    """New text tokens [B, Tq] at the caches' next positions -> (logits [B, Tq, vocab], caches)."""
+    if self.cfg.variant == "cross" and cache.context is None:
+      raise ValueError("the cross captioner's cache holds no image context yet; call prefill "
+                       "(with the images) before decode_step")
+    x = self.embed(tokens)
+    new_layers = []
+    for l, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
+      if self.cfg.variant == "cross":
+        x, layer_cache = block.decode(x, layer_cache, kv=cache.context[l])
+      else:
+        x, layer_cache = block.decode(x, layer_cache)
+      new_layers.append(layer_cache)
+    return self.logits(x), CaptionerCache(tuple(new_layers), cache.context)
 
   def train_flops_per_example(self, text_len: int) -> float:
     """The encoder's per-example FLOPs + 6 x decoder matmul parameters x the tokens they act

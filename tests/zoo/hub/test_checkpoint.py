@@ -150,5 +150,5 @@ def test_publishing_a_training_run(tmp_path):
   loaded, _ = hub.load(path)
   toks = jnp.asarray(TOKENS % model_cfg.vocab_size)
   np.testing.assert_array_equal(loaded(toks), model(toks))
-  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+  with pytest.raises(FileNotFoundError, match="no checkpoints in --workdir"):
     hub.load_run(str(tmp_path / "nowhere"))
