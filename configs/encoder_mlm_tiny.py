@@ -29,8 +29,17 @@ def encoder_config(**model_overrides) -> ml_collections.ConfigDict:
   m.head_dim = ml_collections.config_dict.placeholder(int)
   m.mlp_dim = 512
   m.mlp_kind = "geglu"
+  m.mlp_activation = ml_collections.config_dict.placeholder(str)  # gelu_exact (released ModernBERT)
+  m.use_bias = False  # biases in the attention and MLP projections (BERT, CLIP)
   m.norm = "layernorm"
   m.norm_eps = 1e-5
+  m.norm_position = "pre"  # pre | post (BERT)
+  m.first_attn_norm = ml_collections.config_dict.placeholder(bool)  # None: False under pre-norm
+  m.embed_norm = True
+  m.final_norm = True
+  m.position_embedding = ml_collections.config_dict.placeholder(str)  # "learned" (BERT, CLIP)
+  m.type_vocab_size = 0  # BERT's token types
+  m.causal = False  # CLIP's text tower
   m.attention = "mha"
   m.positional = "rope"
   m.rope_base = 160_000.0  # global layers
@@ -38,8 +47,11 @@ def encoder_config(**model_overrides) -> ml_collections.ConfigDict:
   m.global_every = 3  # layer l is global when l % global_every == 0
   m.local_window = 128  # tokens a local layer sees around each query
   m.max_seq_len = 8192
-  m.pool = "mean"  # mean | first: the sequence vector (contrastive / retrieval use)
+  m.pool = "mean"  # mean | first | last | argmax | eos: the sequence vector (contrastive use)
+  m.eos_id = ml_collections.config_dict.placeholder(int)  # pool="eos"
   m.mlm_head = True  # False for a tower without the prediction head (CLIP's text encoder)
+  m.head_bias = False
+  m.head_activation = "gelu_exact"
   m.dtype = "float32"
   m.param_dtype = "float32"
   m.implementation = "auto"

@@ -23,6 +23,9 @@ def lm_config(**model_overrides) -> ml_collections.ConfigDict:
   m.head_dim = ml_collections.config_dict.placeholder(int)  # None: d_model // num_heads
   m.mlp_dim = 688
   m.mlp_kind = "swiglu"  # swiglu | geglu | gelu | relu
+  m.mlp_activation = ml_collections.config_dict.placeholder(str)  # gelu_exact | quick_gelu ...
+  m.use_bias = False  # biases in the attention and MLP projections (GPT-2)
+  m.position_embedding = ml_collections.config_dict.placeholder(str)  # "learned" (GPT-2)
   m.norm = "rmsnorm"  # rmsnorm | layernorm
   m.norm_eps = 1e-6
   m.attention = "mha"  # a family id, or a comma-separated per-layer pattern

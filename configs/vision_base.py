@@ -26,9 +26,12 @@ def vit_config(**overrides) -> ml_collections.ConfigDict:
   m.num_kv_heads = ml_collections.config_dict.placeholder(int)
   m.head_dim = ml_collections.config_dict.placeholder(int)
   m.mlp_kind = "gelu"
+  m.mlp_activation = ml_collections.config_dict.placeholder(str)  # gelu_exact (HF), quick_gelu (CLIP)
   m.norm = "layernorm"
   m.norm_eps = 1e-6
   m.use_bias = True
+  m.patch_bias = True  # False: CLIP's patch embedding
+  m.pre_norm = False  # True: a norm before the first block (CLIP's pre_layrnorm)
   m.attention = "mha"  # any non-causal family id, or a per-layer pattern
   m.attention_options = ""
   m.posemb = "learn"  # learn | sincos2d

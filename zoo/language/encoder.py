@@ -70,6 +70,7 @@ from flax import nnx
 
 from layers.attention.config import AttentionConfig
 from layers.attention.masks import Mask
+from layers.block import NORM_POSITIONS
 from layers.embeddings import Embed, PositionEmbed
 from layers.linear import Linear
 from layers.mlp import ACTIVATIONS, MLP_KINDS
@@ -77,7 +78,6 @@ from layers.norms import make_norm
 from zoo.model_config import attention_config, from_model_config, parse_dtype, transformer_blocks
 
 POOLS = ("mean", "first", "last", "argmax", "eos")
-NORM_POSITIONS = ("pre", "post")
 
 
 @dataclasses.dataclass(frozen=True)
