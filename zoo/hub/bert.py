@@ -177,9 +177,7 @@ def _check_exportable(model) -> None:
        "the MLP's activation in the MLM head (hidden_act)"),
       ("mlm_head", cfg.mlm_head, "an MLM head (BertForMaskedLM)"),
   ]
-  for field, ok, what in checks:
-    if not ok:
-      raise ValueError(f"model.{field}={getattr(cfg, field)!r}: BertForMaskedLM has {what}")
+  T.refuse_unexportable(cfg, checks, "BertForMaskedLM")
 
 
 def to_hf_config(model) -> Dict[str, Any]:

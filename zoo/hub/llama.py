@@ -316,9 +316,7 @@ def _check_exportable(model) -> None:
       ("norm_position", getattr(cfg, "norm_position", "pre") == "pre", "pre-norm blocks"),
       ("first_attn_norm", getattr(cfg, "first_attn_norm", True), "a norm in every block"),
   ]
-  for field, ok, what in checks:
-    if not ok:
-      raise ValueError(f"model.{field}={getattr(cfg, field)!r}: LlamaForCausalLM has {what}")
+  T.refuse_unexportable(cfg, checks, "LlamaForCausalLM")
 
 
 def _hf_config(model, model_type: str) -> Dict[str, Any]:

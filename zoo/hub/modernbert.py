@@ -221,9 +221,7 @@ def _check_exportable(model) -> None:
       ("mlm_head", cfg.mlm_head, "an MLM head (ModernBertForMaskedLM)"),
       ("pool", cfg.pool in ("first", "mean"), "cls or mean classifier pooling"),
   ]
-  for field, ok, what in checks:
-    if not ok:
-      raise ValueError(f"model.{field}={getattr(cfg, field)!r}: ModernBertForMaskedLM has {what}")
+  T.refuse_unexportable(cfg, checks, "ModernBertForMaskedLM")
 
 
 def to_hf_config(model) -> Dict[str, Any]:

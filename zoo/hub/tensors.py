@@ -120,3 +120,11 @@ def activation_to_zoo(hf_config: Mapping[str, Any], key: str = "hidden_act",
   """hf_config[key] -> our activation name; one we lack is an `unsupported` error."""
   return HF_ACTIVATIONS[require(hf_config, key, HF_ACTIVATIONS, "no exact equivalent in "
                                 f"layers/mlp.py; supported: {sorted(HF_ACTIVATIONS)}", default)]
+
+
+def refuse_unexportable(cfg, checks, architecture: str) -> None:
+  """checks: (field, ok, what) triples; the first with ok False is an error naming
+  `model.<field>` and what `architecture` has instead."""
+  for field, ok, what in checks:
+    if not ok:
+      raise ValueError(f"model.{field}={getattr(cfg, field, None)!r}: {architecture} has {what}")
