@@ -52,17 +52,13 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: Optional[Mask] = None,
                positions: Optional[jax.Array] = None) -> jax.Array:
-    if self.norm_position == "post":
-      x = self.attn_norm(x + self.attention(x, mask=mask, positions=positions))
-      return self.mlp_norm(x + self.mlp(x))
-    h = x if self.attn_norm is None else self.attn_norm(x)
-    x = x + self.attention(h, mask=mask, positions=positions)
-    return x + self.mlp(self.mlp_norm(x))
+    y, _ = self._residual(x, lambda h: (self.attention(h, mask=mask, positions=positions), None))
+    return y
 
-  # Decoding ------------------------------------------------------------------
   def _residual(self, x: jax.Array, attend: Callable[[jax.Array], Tuple[jax.Array, Any]]
                 ) -> Tuple[jax.Array, Any]:
-    """The block with `attend(h) -> (attention output, aux)` as its attention sublayer."""
+    """The block (pre- or post-norm) with `attend(h) -> (attention output, aux)` as its
+    attention sublayer: the plain call, prefill and decode share it."""
     if self.norm_position == "post":
       a, aux = attend(x)
       x = self.attn_norm(x + a)
@@ -71,6 +67,7 @@ class TransformerBlock(nnx.Module):
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), aux
 
+  # Decoding ------------------------------------------------------------------
   def init_cache(self, batch: int, capacity: int, dtype=None):
     return self.attention.init_cache(batch, capacity, dtype)
 
