@@ -152,9 +152,9 @@ def ignorable(name: str) -> bool:
 
 def _check_exportable(model) -> None:
   """Every knob without a BERT equivalent is an error naming it."""
-  from zoo.model_config import parse_pattern
   cfg = model.cfg
   checks = [
+      *T.plain_mha_checks(cfg, equal_heads=True),
       ("norm_position", cfg.norm_position == "post", "post-norm blocks"),
       ("final_norm", not cfg.final_norm, "no norm after the last block"),
       ("embed_norm", cfg.embed_norm, "a LayerNorm on the embeddings"),
@@ -163,12 +163,6 @@ def _check_exportable(model) -> None:
       ("causal", not cfg.causal, "bidirectional attention"),
       ("global_every", all(cfg.is_global(l) for l in range(cfg.num_layers)),
        "every layer global (no local windows)"),
-      ("attention", set(parse_pattern(cfg.attention, cfg.num_layers)) == {"mha"},
-       "'mha' layers"),
-      ("attention_options", not cfg.attention_options, "no family options"),
-      ("num_kv_heads", cfg.num_kv_heads in (None, cfg.num_heads), "one KV head per query head"),
-      ("head_dim", cfg.head_dim in (None, cfg.d_model // cfg.num_heads),
-       "head_dim = d_model / num_heads"),
       ("norm", cfg.norm == "layernorm", "LayerNorm"),
       ("mlp_kind", cfg.mlp_kind in ("gelu", "relu"), "a plain (ungated) MLP"),
       ("mlp_activation", cfg.activation() in TO_HF_ACTS,

@@ -101,23 +101,14 @@ def to_zoo_params(tensors: Tensors, hf: Dict[str, Any], cfg) -> Tensors:
 
 
 def _check_exportable(model) -> None:
-  from zoo.model_config import parse_pattern
   cfg = model.cfg
-  heads = cfg.num_heads
   checks = [
-      ("attention", set(parse_pattern(cfg.attention, cfg.num_layers)) == {"mha"},
-       "only 'mha' layers"),
+      *T.plain_mha_checks(cfg, equal_heads=True),
       ("positional", cfg.positional == "nope", "no positional encoding inside attention"),
       ("norm", cfg.norm == "layernorm", "LayerNorm"),
       ("mlp_kind", cfg.mlp_kind == "gelu", "a plain (ungated) MLP"),
       ("mlp_activation", cfg.mlp_activation in EXPORT_ACTIVATIONS, "a transformers activation"),
-      ("num_kv_heads", (cfg.num_kv_heads or heads) == heads, "as many KV heads as query heads"),
-      ("head_dim", (cfg.head_dim or cfg.d_model // heads) * heads == cfg.d_model,
-       "head_dim = d_model / num_heads"),
       ("window", cfg.window is None, "full causal attention"),
-      ("attention_options", not cfg.attention_options, "no family options"),
-      ("norm_position", getattr(cfg, "norm_position", "pre") == "pre", "pre-norm blocks"),
-      ("first_attn_norm", getattr(cfg, "first_attn_norm", True), "a norm in every block"),
   ]
   T.refuse_unexportable(cfg, checks, "GPT2LMHeadModel")
 

@@ -300,21 +300,16 @@ def _bias_groups(params: Tensors, cfg) -> Dict[str, bool]:
 
 def _check_exportable(model) -> None:
   """Everything of our config that has no Llama/Mistral equivalent is an error naming it."""
-  from zoo.model_config import parse_pattern
   cfg = model.cfg
-  families = set(parse_pattern(cfg.attention, cfg.num_layers))
   checks = [
-      ("attention", families == {"mha"}, "only 'mha' layers"),
+      *T.plain_mha_checks(cfg, equal_heads=False),
       ("positional", cfg.positional == "rope", "RoPE"),
       ("positional_schedule", cfg.positional_schedule is None, "no schedule"),
       ("rope_window", cfg.rope_window is None, "no RoPE window"),
       ("norm", cfg.norm == "rmsnorm", "RMSNorm"),
       ("mlp_kind", cfg.mlp_kind == "swiglu", "a SwiGLU MLP"),
       ("mlp_activation", cfg.mlp_activation in (None, "silu"), "silu gating"),
-      ("attention_options", not cfg.attention_options, "no family options"),
       ("position_embedding", cfg.position_embedding is None, "no learned position table"),
-      ("norm_position", getattr(cfg, "norm_position", "pre") == "pre", "pre-norm blocks"),
-      ("first_attn_norm", getattr(cfg, "first_attn_norm", True), "a norm in every block"),
   ]
   T.refuse_unexportable(cfg, checks, "LlamaForCausalLM")
 

@@ -195,9 +195,9 @@ def _groups(params: Tensors, cfg) -> Dict[str, bool]:
 
 def _check_exportable(model) -> None:
   """Every knob without a ModernBERT equivalent is an error naming it."""
-  from zoo.model_config import parse_pattern
   cfg = model.cfg
   checks = [
+      *T.plain_mha_checks(cfg, equal_heads=True),
       ("norm_position", cfg.norm_position == "pre", "pre-norm blocks"),
       ("first_attn_norm", not cfg.first_attn_norm, "no norm before layer 0's attention"),
       ("embed_norm", cfg.embed_norm, "a LayerNorm on the embeddings"),
@@ -206,12 +206,6 @@ def _check_exportable(model) -> None:
       ("type_vocab_size", cfg.type_vocab_size == 0, "no token-type embeddings"),
       ("positional", cfg.positional == "rope", "RoPE"),
       ("causal", not cfg.causal, "bidirectional attention"),
-      ("attention", set(parse_pattern(cfg.attention, cfg.num_layers)) == {"mha"},
-       "'mha' layers"),
-      ("attention_options", not cfg.attention_options, "no family options"),
-      ("num_kv_heads", cfg.num_kv_heads in (None, cfg.num_heads), "one KV head per query head"),
-      ("head_dim", cfg.head_dim in (None, cfg.d_model // cfg.num_heads),
-       "head_dim = d_model / num_heads"),
       ("norm", cfg.norm == "layernorm", "LayerNorm"),
       ("mlp_kind", cfg.mlp_kind in ("geglu", "swiglu"), "a gated MLP"),
       ("mlp_activation", cfg.activation() in T.ZOO_TO_HF_ACTIVATIONS,

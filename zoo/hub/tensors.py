@@ -128,3 +128,20 @@ def refuse_unexportable(cfg, checks, architecture: str) -> None:
   for field, ok, what in checks:
     if not ok:
       raise ValueError(f"model.{field}={getattr(cfg, field, None)!r}: {architecture} has {what}")
+
+
+def plain_mha_checks(cfg, *, equal_heads: bool) -> list:
+  """The export checks (for `refuse_unexportable`) every architecture here shares: every layer
+  'mha' without family options; with equal_heads, as many KV heads as query heads and
+  head_dim = d_model / num_heads."""
+  from zoo.model_config import parse_pattern
+  heads = cfg.num_heads
+  checks = [("attention", set(parse_pattern(cfg.attention, cfg.num_layers)) == {"mha"},
+             "only 'mha' layers"),
+            ("attention_options", not cfg.attention_options, "no family options")]
+  if equal_heads:
+    checks += [("num_kv_heads", (cfg.num_kv_heads or heads) == heads,
+                "as many KV heads as query heads"),
+               ("head_dim", (cfg.head_dim or cfg.d_model // heads) * heads == cfg.d_model,
+                "head_dim = d_model / num_heads")]
+  return checks
