@@ -186,6 +186,7 @@ def load_run(workdir: str, *, step: Optional[int] = None, mesh: Optional[Mesh] =
   """The model of a training run's checkpoint (latest step by default), without its
   optimizer state: -> (model, config.model). Only the parameters are read."""
   config, step = run_config(workdir, step)
+  workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
   abstract = nnx.eval_shape(lambda: registry.build_model(config.model, seed=config.seed))
   graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {"params": _target(abs_params, mesh, shd.RULES)}

@@ -139,7 +139,7 @@ def test_saved_on_eight_devices_loads_on_one_and_back(tmp_path):
   np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_publishing_a_training_run(tmp_path):
+def test_publishing_a_training_run(tmp_path, monkeypatch):
   from configs import lm_tiny
   from zoo.training.loop import train
   config = lm_tiny.get_config()
@@ -149,7 +149,8 @@ def test_publishing_a_training_run(tmp_path):
   config.optimizer.warmup_steps = 1
   workdir = str(tmp_path / "run")
   train(config, workdir)
-  model, model_cfg = hub.load_run(workdir)
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as on a command line
+  model, model_cfg = hub.load_run("run")
   assert model_cfg.name == "llama_lm" and model_cfg.d_model == 32
   path = hub.save(model, tmp_path / "published", model_cfg=model_cfg)
   loaded, _ = hub.load(path)
