@@ -129,6 +129,10 @@ class MultiHeadAttention(nnx.Module):
     (for gates and routers).
     """
     q, k = self.positional(q, k, positions, positions)
+    return self._attend(q, k, v, mask)
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """Already transformed q, k and v -> per-head outputs (the second half of `core`)."""
     if self.positional.owns_attention:
       return self.positional.attention(q, k, v, mask, implementation=self.cfg.implementation)
     return mha(q, k, v, mask, implementation=self.cfg.implementation,
@@ -174,8 +178,9 @@ class MultiHeadAttention(nnx.Module):
     self._check_decodable()
     mask, positions = self.resolve_mask(x, mask, positions)
     q, k, v = self.qkv(x)
-    y = self.out(self.core(x, q, k, v, mask, positions))
-    _, k = self.positional(q, k, positions, positions)  # the cache holds transformed keys
+    # The mha core, split so the transformed keys it attends with are the ones cached.
+    q, k = self.positional(q, k, positions, positions)
+    y = self.out(self._attend(q, k, v, mask))
     if lengths is None:
       lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
     return y, cache.fill(k, v, lengths)
