@@ -9,21 +9,27 @@ in `flash_attention`: the result equals dense attention under the expanded
 mask (`reference.py`). This is the kernel every sparse family runs on
 (sliding windows at long lengths, routing, BiFormer, landmark, HiP ...).
 
-Lists are canonicalised on device first (rendered to a [B, H, nq, nk] block
-mask, so duplicates, entries past the count and out-of-range indices are
-ignored) and handed to the flash dispatch as a block mask: the Pallas
-backends scalar-prefetch the resulting lists and touch only the listed
-blocks, forward and backward; the XLA backend skips unlisted tiles with
-`lax.cond`; "reference" renders the mask dense.
+Duplicates, entries past the count and out-of-range indices are ignored.
+The call is validated and dispatched as `flash_attention` is, with the lists
+as a block mask:
+  * the Pallas backends scalar-prefetch the canonical lists and touch only
+    the listed blocks, forward and backward;
+  * when the backend is XLA and the lists are narrower than the key blocks
+    (n < nk), the gather path (`xla.py`) attends over the listed blocks only,
+    so its cost is n / nk of dense attention whatever differs between heads;
+    with full-width lists the tiled XLA path skips unlisted tiles instead;
+  * "reference" renders the mask dense.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse import xla
 from pallas_kernels.flash import api as flash_api
 from pallas_kernels.flash import schedule
 
@@ -86,10 +92,19 @@ def block_sparse_attention(
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} must be an integer array, got {x.dtype}")
   block_mask = schedule.block_mask_from_lists(block_indices, block_counts, nk)
-  return flash_api.flash_attention(
-      q, k, v, scale=scale, is_causal=is_causal, local_window_size=local_window_size,
+  q, call, mask_args, backend = flash_api.prepare(
+      q, k, v, bias=None, mask=None, is_causal=is_causal, local_window_size=local_window_size,
       segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, logits_soft_cap=logits_soft_cap,
-      sinks=sinks, distance_bias=distance_bias, query_scale=query_scale, block_mask=block_mask,
-      block_shape=(bq, bk), return_lse=return_lse, implementation=implementation,
-      block_q=bq, block_k=bk)
+      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, chunk_size=None,
+      logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+      query_scale=query_scale, block_mask=block_mask, block_shape=(bq, bk),
+      return_lse=return_lse, implementation=implementation, block_q=bq, block_k=bk)
+  if backend.name == flash_api.XLA.name and block_indices.shape[-1] < nk:
+    return xla.attention(
+        q, k, v, block_indices, block_counts, block_shape=(bq, bk),
+        mask_args=dataclasses.replace(mask_args, block_mask=None, block_shape=None), scale=scale,
+        logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+        return_lse=return_lse)
+  return backend(q, k, v, call=call, mask_args=mask_args, bias=None, scale=scale,
+                 logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+                 return_lse=return_lse, block_q=bq, block_k=bk)

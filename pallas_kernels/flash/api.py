@@ -197,6 +197,27 @@ def flash_attention(
   Returns:
     out [B, Tq, Hq, Dv] in q.dtype, or (out, lse) with return_lse.
   """
+  q, call, mask_args, backend = prepare(
+      q, k, v, bias=bias, mask=mask, is_causal=is_causal, local_window_size=local_window_size,
+      segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
+      prefix_lengths=prefix_lengths, kv_lengths=kv_lengths, chunk_size=chunk_size,
+      logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+      query_scale=query_scale, block_mask=block_mask, block_shape=block_shape,
+      return_lse=return_lse, implementation=implementation, block_q=block_q, block_k=block_k)
+  return backend(q, k, v, call=call, mask_args=mask_args, bias=bias, scale=scale,
+                 logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
+                 return_lse=return_lse, block_q=block_q, block_k=block_k)
+
+
+def prepare(q, k, v, *, bias, mask, is_causal, local_window_size, segment_ids, q_positions,
+            kv_positions, prefix_lengths, kv_lengths, chunk_size, logits_soft_cap, sinks,
+            distance_bias, query_scale, block_mask, block_shape, return_lse, implementation,
+            block_q, block_k):
+  """Validates `flash_attention`'s arguments and picks the backend.
+
+  Returns (q with query_scale folded in, AttentionCall, MaskArgs, backend).
+  `block_sparse_attention` shares it, so both validate and dispatch alike.
+  """
   _check_implementation_name(implementation)
   reference.check_qkv(q, k, v)
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -226,10 +247,7 @@ def flash_attention(
                        sinks=sinks, return_lse=return_lse, block_q=block_q, block_k=block_k,
                        user_positions=q_positions is not None or kv_positions is not None,
                        distance_bias=distance_bias)
-  backend = select_backend(call, implementation)
-  return backend(q, k, v, call=call, mask_args=mask_args, bias=bias, scale=scale,
-                 logits_soft_cap=logits_soft_cap, sinks=sinks, distance_bias=distance_bias,
-                 return_lse=return_lse, block_q=block_q, block_k=block_k)
+  return q, call, mask_args, select_backend(call, implementation)
 
 
 def describe_call(q, k, v, *, mask_args, bias=None, logits_soft_cap=None, sinks=None,

@@ -6,6 +6,8 @@ dense attention under `block_mask[b, h, i // bq, j // bk] AND token mask`;
 a full list equals plain dense attention. Tolerances as in `parity.compare`.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,18 +15,20 @@ import pytest
 
 from pallas_kernels import block_sparse_attention, flash_attention, lists_from_block_mask
 from pallas_kernels.block_sparse import reference
+from pallas_kernels.block_sparse import xla as gather
 from pallas_kernels.flash import masking
+from pallas_kernels.flash import schedule
 from tests.numerics import rel_err
-from tests.pallas_kernels.flash.parity import F32_TOL, inputs, jit
+from tests.pallas_kernels.flash.parity import BF16_TOL, F32_TOL, compare, inputs, jit, normal
 
 B, T, HQ, HKV, D = 2, 40, 4, 2, 8
 BLOCK = (8, 16)
 NQ, NK = 5, 3
 
 
-def _random_lists(seed, heads=HQ, n=3):
+def _random_lists(seed, heads=HQ, n=3, low=0, high=NK):
   rng = np.random.default_rng(seed)
-  indices = rng.integers(0, NK, (B, heads, NQ, n)).astype(np.int32)
+  indices = rng.integers(low, high, (B, heads, NQ, n)).astype(np.int32)
   counts = rng.integers(0, n + 1, (B, heads, NQ)).astype(np.int32)
   return jnp.asarray(indices), jnp.asarray(counts)
 
@@ -79,6 +83,77 @@ def test_full_lists_equal_dense_attention(implementation):
                              implementation=implementation),
       flash_attention(q, k, v, is_causal=True, implementation="reference")), q, k, v)
   assert rel_err(got, dense) < F32_TOL
+
+
+# Lists narrower than the key blocks (n = 2 < NK = 3) take the XLA gather
+# path; entries include repeats and out-of-range indices (-1, NK).
+@pytest.mark.parametrize("seed,mask,heads,extras,dtype", [
+    (10, dict(), HQ, dict(sinks=True, soft_cap=True), jnp.float32),
+    (11, dict(is_causal=True), 1, dict(distance_bias=True, lse=True), jnp.float32),
+    (12, dict(is_causal=True, local_window_size=(12, 4)), HQ, dict(lse=True, sinks=True),
+     jnp.float32),
+    (13, dict(is_causal=True, prefix_lengths=jnp.array([9, 20])), HQ, dict(distance_bias=True),
+     jnp.float32),
+    (14, dict(segment_ids="packed", kv_lengths=jnp.array([40, 33])), 1, dict(soft_cap=True),
+     jnp.float32),
+    (15, dict(is_causal=True), HQ, dict(sinks=True, lse=True), jnp.bfloat16),
+])
+def test_gather_path_equals_the_dense_mask(seed, mask, heads, extras, dtype):
+  from tests.pallas_kernels.flash.parity import packed_segments
+  if mask.get("segment_ids") == "packed":
+    mask = dict(mask, segment_ids=packed_segments(T))
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, dtype=dtype, seed=seed)
+  indices, counts = _random_lists(seed, heads, n=2, low=-1, high=NK + 1)
+  block_mask = schedule.block_mask_from_lists(indices, counts, NK)
+  mask_args = dataclasses.replace(masking.make_mask_args(B, T, T, **mask), block_mask=block_mask,
+                                  block_shape=BLOCK)
+  sinks = normal(seed, (HQ,)) if extras.get("sinks") else None
+  distance_bias = (jnp.abs(normal(seed, (HQ, 3))) + jnp.array([0.0, 0.5, 0.0])
+                   if extras.get("distance_bias") else None)
+  soft_cap = 4.0 if extras.get("soft_cap") else None
+  calls = []
+
+  def fast(q, k, v, *, mask_args, bias, sinks, distance_bias, logits_soft_cap, return_lse):
+    del mask_args, bias
+    calls.append(1)
+    return block_sparse_attention(
+        q, k, v, indices, counts, block_shape=BLOCK, sinks=sinks, distance_bias=distance_bias,
+        logits_soft_cap=logits_soft_cap, return_lse=return_lse, implementation="xla", **mask)
+
+  original = gather.attention
+  seen = []
+  gather.attention = lambda *a, **kw: seen.append(1) or original(*a, **kw)
+  try:
+    compare(fast, q, k, v, do, mask_args=mask_args, sinks=sinks, distance_bias=distance_bias,
+            logits_soft_cap=soft_cap, return_lse=extras.get("lse", False),
+            tol=BF16_TOL if dtype == jnp.bfloat16 else F32_TOL)
+  finally:
+    gather.attention = original
+  assert calls and seen, "the XLA backend with n < nk must take the gather path"
+
+
+def test_gather_path_cost_follows_the_list_width():
+  """Compiled FLOPs (forward + backward) grow with the list width n: n / nk of dense attention."""
+  t, blk = 512, (32, 32)
+  q, k, v, do = inputs(1, t, t, HQ, HKV, D, seed=20)
+  nk = t // blk[1]
+
+  def flops(n):
+    idx = jnp.zeros((1, HQ, t // blk[0], n), jnp.int32)
+    cnt = jnp.full((1, HQ, t // blk[0]), n, jnp.int32)
+    def loss(q, k, v):
+      out = block_sparse_attention(q, k, v, idx, cnt, block_shape=blk, implementation="xla")
+      return jnp.sum(out * do)
+    cost = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+  # Dense attention forward + backward: 7 matmuls of 2 * T * T * D FLOPs per head
+  # (QK^T and PV; then S, dP, dV, dQ, dK recomputed or computed).
+  dense = 7 * 2 * HQ * t * t * D
+  f1, f2, f4 = flops(1), flops(2), flops(4)
+  assert 1.6 < f2 / f1 < 2.4 and 1.6 < f4 / f2 < 2.4, (f1, f2, f4)
+  assert f4 < 1.5 * (4 / nk) * dense, (f4, dense, nk)
 
 
 def test_lists_from_block_mask_round_trip():
