@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.attention import probes
 from layers.attention import registry
 from layers.attention.config import AttentionConfig
 from layers.attention.kv_cache import KVCache, attend_cache
@@ -63,17 +64,21 @@ def mha(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *
   distance_bias: [Hq, 3] (slope, power, center) of -slope |i - j - center|^power.
   """
   mask = Mask.bidirectional() if mask is None else mask
+  probes.record(lambda: mha_probs(q, k, v, mask, scale=scale, bias=bias,
+                                  distance_bias=distance_bias), q)
   return flash_api.flash_attention(q, k, v, scale=scale, implementation=implementation,
                                    bias=bias, distance_bias=distance_bias, **mask.kernel_args())
 
 
 def mha_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[Mask] = None, *,
-              scale: Optional[float] = None) -> jax.Array:
-  """Attention probabilities [B, Hq, Tq, Tk] from the reference path (for diagnostics and plots)."""
+              scale: Optional[float] = None, bias: Optional[jax.Array] = None,
+              distance_bias: Optional[jax.Array] = None) -> jax.Array:
+  """Attention probabilities [B, Hq, Tq, Tk] from the reference path (for diagnostics and plots;
+  `layers.attention.probes` records them for a whole model)."""
   mask = Mask.bidirectional() if mask is None else mask
   _, probs = flash_reference.attention(
       q, k, v, mask_args=mask.mask_args(q.shape[0], q.shape[1], k.shape[1]), scale=scale,
-      return_probs=True)
+      bias=bias, distance_bias=distance_bias, return_probs=True)
   return probs
 
 
