@@ -29,7 +29,12 @@ What it measures (full mode, the default on GPU and TPU):
     round(density * nk) distinct key blocks, the diagonal block always among
     them), B = 1, H = 16, D = 128, bfloat16, T in {8k, 16k, 32k}, against
     dense non-causal `flash_attention` with the same implementation and its
-    default tiles at the same T.
+    default tiles at the same T. Block-sparse "xla" is the gather path
+    (pallas_kernels/block_sparse/xla.py), whose work is the listed fraction
+    of dense; on CPU, where only it runs at these sizes, e.g.
+
+      python bench/attention_kernels.py --full --kernel block_sparse --seqs 4096,8192 \
+          --heads 4 --dtype float32 --filter block_sparse/xla --repeats 3
 
 Each is timed forward ("fwd": the output) and forward+backward ("fwd_bwd":
 jax.grad of sum(out * ct) w.r.t. (q, k, v), ct a fixed random array passed
@@ -412,6 +417,9 @@ def main(argv=None):
   parser.add_argument("--filter", default=None,
                       help="comma-separated substrings of 'kernel/implementation', e.g."
                            " 'pallas,jax_cudnn' or 'block_sparse/pallas_triton'")
+  parser.add_argument("--heads", type=int, default=None, help="H (default 16; 2 in smoke mode)")
+  parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                      help="default bfloat16 (float32 in smoke mode)")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed runs after warm-up (default 10; 2 in smoke mode)")
   parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
@@ -427,6 +435,10 @@ def main(argv=None):
   cfg = dict(SMOKE if args.smoke else FULL)
   if args.repeats:
     cfg["repeats"] = args.repeats
+  if args.heads:
+    cfg["heads"] = args.heads
+  if args.dtype:
+    cfg["dtype"] = args.dtype
   if args.record is None:
     args.record = not args.smoke
   if args.out is None:

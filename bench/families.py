@@ -58,9 +58,10 @@ DATASETS = {
 }
 
 
-def make_config(entry: str, dataset: str, steps: int, options: dict):
+def make_config(entry: str, dataset: str, steps: int, options: dict, seed: int = 0):
   family, _, positional = entry.partition("@")
   c = lm_tiny.get_config()
+  c.seed = seed
   c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
                  attention=family, positional=positional or "rope")
   c.model.attention_options = ",".join(f"{k}={v!r}" for k, v in options.items())
@@ -76,8 +77,8 @@ def make_config(entry: str, dataset: str, steps: int, options: dict):
   return c
 
 
-def run_one(family: str, dataset: str, steps: int, options: dict):
-  config = make_config(family, dataset, steps, options)
+def run_one(family: str, dataset: str, steps: int, options: dict, seed: int = 0):
+  config = make_config(family, dataset, steps, options, seed)
   with tempfile.TemporaryDirectory() as workdir:
     final = train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -112,21 +113,23 @@ def main():
   p.add_argument("--datasets", default="text,mqar", help=f"comma-separated, of {sorted(DATASETS)}")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--options", default="{}", help="JSON of model.attention_options per family id")
+  p.add_argument("--seeds", default="0", help="comma-separated; one run per seed (init and data order)")
   args = p.parse_args()
   families = [f for f in args.families.split(",") if f] or (
       registry.names() + [f"mha@{p}" for p in sorted(POSITIONAL) if p != "rope"])
   options = json.loads(args.options)
   env = common.environment()
-  for family in families:
-    for dataset in args.datasets.split(","):
-      final, step_s, last_train, sink = run_one(family, dataset, args.steps,
-                                                options.get(family, {}))
-      params = _param_count(family, options.get(family, {}))
-      common.append("families.jsonl", {
-          **env, "bench": "families", "family": family, "dataset": dataset, "steps": args.steps,
-          "options": options.get(family, {}), "params": params, "step_s": step_s,
-          "final_train_loss": last_train, **{f"eval_{k}": v for k, v in final.items()},
-          **({"sink_mass": sink} if sink is not None else {})})
+  seeds = [int(x) for x in args.seeds.split(",")]
+  runs = [(f, d, s) for f in families for d in args.datasets.split(",") for s in seeds]
+  for family, dataset, seed in runs:
+    final, step_s, last_train, sink = run_one(family, dataset, args.steps,
+                                              options.get(family, {}), seed)
+    params = _param_count(family, options.get(family, {}))
+    common.append("families.jsonl", {
+        **env, "bench": "families", "family": family, "dataset": dataset, "steps": args.steps,
+        "seed": seed, "options": options.get(family, {}), "params": params, "step_s": step_s,
+        "final_train_loss": last_train, **{f"eval_{k}": v for k, v in final.items()},
+        **({"sink_mass": sink} if sink is not None else {})})
 
 
 def _param_count(family, options):
