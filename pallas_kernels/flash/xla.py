@@ -339,7 +339,7 @@ def default_slab(batch: int, kv_heads: int, group: int, block_q: int, block_k: i
   On accelerators a tile spans every batch element and head, so each op is as
   large as possible. On CPU a [B, Hq, bq, bk] tile quickly outgrows the caches
   (B=8, H=8, 512 x 512 is 64 MiB), and the five passes over it run at memory
-  speed; looping over slabs of about `_CPU_TILE_ELEMENTS` scores (2 MiB, an L2
+  speed; looping over slabs of about `CPU_TILE_ELEMENTS` scores (2 MiB, an L2
   and a bit) measured about twice as fast on a 2-core EPYC. One kv head's
   query group is never split, and a slab spans several batch elements only
   when it spans all heads.
@@ -347,14 +347,14 @@ def default_slab(batch: int, kv_heads: int, group: int, block_q: int, block_k: i
   if platform != "cpu":
     return batch, kv_heads
   per_head = group * block_q * block_k
-  heads = max([h for h in _divisors(kv_heads) if h * per_head <= _CPU_TILE_ELEMENTS], default=1)
+  heads = max([h for h in _divisors(kv_heads) if h * per_head <= CPU_TILE_ELEMENTS], default=1)
   if heads < kv_heads:
     return 1, heads
   per_batch = kv_heads * per_head
-  return max([b for b in _divisors(batch) if b * per_batch <= _CPU_TILE_ELEMENTS], default=1), kv_heads
+  return max([b for b in _divisors(batch) if b * per_batch <= CPU_TILE_ELEMENTS], default=1), kv_heads
 
 
-_CPU_TILE_ELEMENTS = 512 * 1024
+CPU_TILE_ELEMENTS = 512 * 1024
 
 
 def _divisors(n):
