@@ -132,6 +132,26 @@ def test_gather_path_equals_the_dense_mask(seed, mask, heads, extras, dtype):
   assert calls and seen, "the XLA backend with n < nk must take the gather path"
 
 
+@pytest.mark.parametrize("blocks_per_chunk", [1, 2, NQ])  # 2: NQ = 5 leaves a remainder
+def test_gather_path_chunks_agree(blocks_per_chunk):
+  q, k, v, do = inputs(B, T, T, HQ, HKV, D, seed=21)
+  indices, counts = _random_lists(21, HQ, n=2)
+  mask_args = masking.make_mask_args(B, T, T, is_causal=True)
+  per_block = B * HQ * BLOCK[0] * 2 * BLOCK[1]
+
+  def run(budget):
+    def loss(q, k, v):
+      out = gather.attention(q, k, v, indices, counts, block_shape=BLOCK, mask_args=mask_args,
+                             score_budget=budget)
+      return jnp.sum(out * do)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  (got, got_grads), (want, want_grads) = run(blocks_per_chunk * per_block), run(None)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_gather_path_cost_follows_the_list_width():
   """Compiled FLOPs (forward + backward) grow with the list width n: n / nk of dense attention."""
   t, blk = 512, (32, 32)
