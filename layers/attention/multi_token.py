@@ -106,15 +106,6 @@ def _check_impl(implementation: str):
                               "the key-query conv breaks online-softmax tiling")
 
 
-def _safe_softmax(s: jax.Array) -> jax.Array:
-  """Softmax over the last axis; rows of all -inf give zeros (and zero gradient)."""
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  return p / jnp.where(l == 0, 1.0, l)
-
-
 def _mix_heads(w: jax.Array, mix: jax.Array, head_axis: int) -> jax.Array:
   """w [..., Hq (at head_axis), ...] mixed within groups: mix [Hq/G, G, G] (out, in)."""
   n, g, _ = mix.shape
@@ -185,7 +176,7 @@ def multi_token_attention_reference(q, k, v, kq_kernel, head_mix_w=None,
   logits = jnp.where(vis, conv, -jnp.inf)  # Mask_-inf
   if head_mix == "pre":
     logits = jnp.where(vis, _mix_heads(jnp.where(vis, logits, 0.0), head_mix_w, 1), -jnp.inf)
-  p = _safe_softmax(logits)
+  p, _ = flash_reference.softmax_with_sink(logits)
   if head_mix == "post":
     p = _mix_heads(p, head_mix_w, 1)
   out = jnp.einsum("bhqk,bkhd->bqhd", p, vf).astype(q.dtype)
@@ -248,7 +239,7 @@ def multi_token_attention(q, k, v, kq_kernel, head_mix_w=None, mask: Optional[Ma
     logits = jnp.where(tvis, conv, -jnp.inf)
     if head_mix == "pre":
       logits = jnp.where(tvis, _mix_heads(jnp.where(tvis, logits, 0.0), head_mix_w, 1), -jnp.inf)
-    p = _safe_softmax(logits)
+    p, _ = flash_reference.softmax_with_sink(logits)
     if head_mix == "post":
       p = _mix_heads(p, head_mix_w, 1)
     p = p.reshape(b, hkv, rep, bq, tk)

@@ -134,11 +134,7 @@ def _masked_softmax(s, vis):
   """Softmax over the last axis of s where `vis` (None: all visible); empty rows give 0."""
   if vis is not None:
     s = jnp.where(vis, s, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  return p / jnp.where(l == 0, 1.0, l)
+  return flash_reference.softmax_with_sink(s)[0]
 
 
 def neural_attention_reference(q, k, v, net: ScoreNet, mask: Optional[Mask] = None, *,

@@ -83,12 +83,7 @@ def selective_reference(q, k, v, tau, value_scale=None, mask: Optional[Mask] = N
   s = flash_reference.dense_logits(q, k, scale)
   s = s * jnp.moveaxis(tau.astype(jnp.float32), 1, 2)[..., None]  # tau_{t,h} scales row t of head h
   vis = mask.dense(b, tq, tk)
-  s = jnp.where(vis, s, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)
+  p, _ = flash_reference.softmax_with_sink(jnp.where(vis, s, -jnp.inf))
   return jnp.einsum("bhqk,bkhd->bqhd", p, vf).astype(q.dtype)
 
 

@@ -164,19 +164,9 @@ def attention(
     raw = jnp.matmul(q_i, jnp.swapaxes(k_i, -1, -2), preferred_element_type=_F32) * scale
     vis = tile.visible(spec, qp, qs, kp, ks, flags)
     s = tile.logits(spec, raw, qp, kp, params, vis)  # [B, Hkv, G, bq, n * bk]
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    if sinks is not None:
-      row_max = jnp.maximum(row_max, params[tile.SINK])
-    row_max = lax.stop_gradient(row_max)
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(s - shift)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    if sinks is not None:
-      l = l + jnp.exp(params[tile.SINK] - shift)
-    out = jnp.matmul((p / jnp.where(l == 0.0, 1.0, l)).astype(v.dtype), v_i,
-                     preferred_element_type=_F32)
-    lse = jnp.where(l > 0.0, shift + jnp.log(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
-    return out.astype(q.dtype), lse[..., 0]
+    probs, lse = reference.softmax_with_sink(s, params[tile.SINK] if sinks is not None else None)
+    out = jnp.matmul(probs.astype(v.dtype), v_i, preferred_element_type=_F32)
+    return out.astype(q.dtype), lse
 
   if score_budget is None:
     score_budget = default_score_budget(jax.default_backend())

@@ -117,6 +117,31 @@ def dense_logits(q: jax.Array, k: jax.Array, scale: Optional[float] = None) -> j
   return jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * scale
 
 
+def softmax_with_sink(s: jax.Array, sink: Optional[jax.Array] = None):
+  """Softmax over the last axis of masked logits `s` (-inf = masked) -> (probs, lse [...]).
+
+  `sink` (broadcasting against s[..., :1]) joins the denominator with no
+  value. A row with nothing visible outputs zeros, with lse -inf (the sink
+  logit with a sink).
+  """
+  m = jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf)  # `initial`: Tk may be 0
+  if sink is not None:
+    m = jnp.maximum(m, sink)
+  # The shift cancels in the softmax; stopping its gradient keeps rows of all
+  # -inf from sending anything through max.
+  m = jax.lax.stop_gradient(m)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m_safe)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  if sink is not None:
+    l = l + jnp.exp(sink - m_safe)
+  probs = p / jnp.where(l == 0, 1.0, l)
+  l = l[..., 0]
+  # log of a safe argument: the untaken branch's log(0) would make a NaN gradient.
+  lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe[..., 0], -jnp.inf)
+  return probs, lse
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -156,24 +181,15 @@ def attention(
     allowed = masking.visible(mask_args, jnp.arange(tq), jnp.arange(tk))
   if allowed is not None:
     s = jnp.where(allowed, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf)  # `initial`: Tk may be 0
+  sink = None
   if sinks is not None:
     check_sinks(sinks, q)
     sink = sinks.astype(jnp.float32)[None, :, None, None]
-    m = jnp.maximum(m, sink)
-  # The shift cancels in the softmax; stopping its gradient keeps rows of all
-  # -inf from sending anything through max.
-  m = jax.lax.stop_gradient(m)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m_safe)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  if sinks is not None:
-    l = l + jnp.exp(sink - m_safe)
-  probs = p / jnp.where(l == 0, 1.0, l)
+  probs, lse = softmax_with_sink(s, sink)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs, v_full.astype(jnp.float32)).astype(q.dtype)
   results = [out]
   if return_lse:
-    results.append(jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], -jnp.inf))
+    results.append(lse)
   if return_probs:
     results.append(probs)
   return results[0] if len(results) == 1 else tuple(results)
