@@ -19,7 +19,8 @@ from pallas_kernels.block_sparse import xla as gather
 from pallas_kernels.flash import masking
 from pallas_kernels.flash import schedule
 from tests.numerics import rel_err
-from tests.pallas_kernels.flash.parity import BF16_TOL, F32_TOL, compare, inputs, jit, normal
+from tests.pallas_kernels.flash.parity import (BF16_TOL, F32_TOL, compare, inputs, jit, normal,
+                                               packed_segments)
 
 B, T, HQ, HKV, D = 2, 40, 4, 2, 8
 BLOCK = (8, 16)
@@ -98,8 +99,7 @@ def test_full_lists_equal_dense_attention(implementation):
      jnp.float32),
     (15, dict(is_causal=True), HQ, dict(sinks=True, lse=True), jnp.bfloat16),
 ])
-def test_gather_path_equals_the_dense_mask(seed, mask, heads, extras, dtype):
-  from tests.pallas_kernels.flash.parity import packed_segments
+def test_gather_path_equals_the_dense_mask(seed, mask, heads, extras, dtype, monkeypatch):
   if mask.get("segment_ids") == "packed":
     mask = dict(mask, segment_ids=packed_segments(T))
   q, k, v, do = inputs(B, T, T, HQ, HKV, D, dtype=dtype, seed=seed)
@@ -111,25 +111,19 @@ def test_gather_path_equals_the_dense_mask(seed, mask, heads, extras, dtype):
   distance_bias = (jnp.abs(normal(seed, (HQ, 3))) + jnp.array([0.0, 0.5, 0.0])
                    if extras.get("distance_bias") else None)
   soft_cap = 4.0 if extras.get("soft_cap") else None
-  calls = []
 
   def fast(q, k, v, *, mask_args, bias, sinks, distance_bias, logits_soft_cap, return_lse):
     del mask_args, bias
-    calls.append(1)
     return block_sparse_attention(
         q, k, v, indices, counts, block_shape=BLOCK, sinks=sinks, distance_bias=distance_bias,
         logits_soft_cap=logits_soft_cap, return_lse=return_lse, implementation="xla", **mask)
 
-  original = gather.attention
-  seen = []
-  gather.attention = lambda *a, **kw: seen.append(1) or original(*a, **kw)
-  try:
-    compare(fast, q, k, v, do, mask_args=mask_args, sinks=sinks, distance_bias=distance_bias,
-            logits_soft_cap=soft_cap, return_lse=extras.get("lse", False),
-            tol=BF16_TOL if dtype == jnp.bfloat16 else F32_TOL)
-  finally:
-    gather.attention = original
-  assert calls and seen, "the XLA backend with n < nk must take the gather path"
+  original, seen = gather.attention, []
+  monkeypatch.setattr(gather, "attention", lambda *a, **kw: seen.append(1) or original(*a, **kw))
+  compare(fast, q, k, v, do, mask_args=mask_args, sinks=sinks, distance_bias=distance_bias,
+          logits_soft_cap=soft_cap, return_lse=extras.get("lse", False),
+          tol=BF16_TOL if dtype == jnp.bfloat16 else F32_TOL)
+  assert seen, "the XLA backend with n < nk must take the gather path"
 
 
 @pytest.mark.parametrize("blocks_per_chunk", [1, 2, NQ])  # 2: NQ = 5 leaves a remainder
