@@ -19,7 +19,7 @@ Here on CPU (automatic smoke mode; prints the lines, records nothing):
 What it measures (full mode, the default on GPU and TPU):
 
   * flash: `flash_attention(q, k, v, is_causal=c, implementation=NAME)` for
-    NAME = "pallas_triton" (GPU) / "pallas_tpu" (TPU) and "xla" (our
+    NAME = "pallas_mosaic_gpu" and "pallas_triton" (GPU) / "pallas_tpu" (TPU) and "xla" (our
     memory-efficient XLA path), against `jax.nn.dot_product_attention` with
     implementation="cudnn" (GPU only) and implementation="xla" (jax's own,
     which materialises the T x T scores). B in {1, 4}, T in {1k .. 32k},
@@ -97,15 +97,17 @@ TARGETS = {"flash_fwd_bwd_speed_vs_cudnn_min": 0.9, "flash_target_min_seq": 4096
 # ---------------------------------------------------------------------------
 # Implementations.
 
-def pallas_name(platform: str, smoke: bool) -> str:
+def pallas_names(platform: str, smoke: bool) -> List[str]:
+  """Our Pallas backends on this platform (on Hopper the Mosaic GPU kernels come first)."""
   if smoke or platform == "cpu":
-    return "pallas_interpret"
-  return {"gpu": "pallas_triton", "tpu": "pallas_tpu"}.get(platform, "pallas_interpret")
+    return ["pallas_interpret"]
+  return {"gpu": ["pallas_mosaic_gpu", "pallas_triton"],
+          "tpu": ["pallas_tpu"]}.get(platform, ["pallas_interpret"])
 
 
 def flash_implementations(platform: str, smoke: bool) -> List[str]:
   """Ours first, then jax.nn's baselines ("jax_cudnn" only on GPU)."""
-  names = [pallas_name(platform, smoke), "xla"]
+  names = [*pallas_names(platform, smoke), "xla"]
   if platform == "gpu" and not smoke:
     names.append("jax_cudnn")
   names.append("jax_xla")
@@ -322,7 +324,7 @@ class Runner:
   def run_block_sparse(self, seqs, modes) -> None:
     h, d, b = self.cfg["heads"], self.cfg["head_dim"], 1
     block = tuple(self.cfg["sparse_block"])
-    impls = [i for i in (pallas_name(self.platform, self.args.smoke), "xla")
+    impls = [i for i in (*pallas_names(self.platform, self.args.smoke), "xla")
              if self.wanted("block_sparse", i)]
     for t in seqs:
       q, k, v, ct = self.inputs(jax.random.PRNGKey(t * 10 + 7), b, t, h, d)
@@ -361,25 +363,29 @@ class Runner:
 
   # -- summary -------------------------------------------------------------
 
+  def _print_flash_rows(self, pallas: str) -> None:
+    rows = [r for r in self.summary if r["section"] == "flash" and r["implementation"] == pallas]
+    if not rows:
+      return
+    print(f"  flash {pallas}: speed_vs_cudnn = cudnn time / ours (target >= "
+          f"{TARGETS['flash_fwd_bwd_speed_vs_cudnn_min']} for fwd_bwd at T >= "
+          f"{TARGETS['flash_target_min_seq']}); speed_vs_jax_xla = jax xla time / ours")
+    for r in rows:
+      target = ""
+      if (r["mode"] == "fwd_bwd" and r["T"] >= TARGETS["flash_target_min_seq"]
+          and r.get("speed_vs_cudnn") is not None):
+        ok = r["speed_vs_cudnn"] >= TARGETS["flash_fwd_bwd_speed_vs_cudnn_min"]
+        target = "  [target met]" if ok else "  [below target]"
+      ms = f"{r['median_ms']:9.3f} ms" if r.get("median_ms") else f"{'-':>12}"
+      print(f"    B={r['B']} T={r['T']:>6} causal={str(r['causal']):5} {r['mode']:7} {ms}"
+            f"  vs_cudnn={r.get('speed_vs_cudnn')}  vs_jax_xla={r.get('speed_vs_jax_xla')}"
+            f"{target}{'  ' + (r.get('skipped') or r.get('error') or '') if not r.get('median_ms') else ''}",
+            flush=True)
+
   def print_summary(self) -> None:
     print("\nSummary (reported, not asserted):", flush=True)
-    pallas = pallas_name(self.platform, self.args.smoke)
-    rows = [r for r in self.summary if r["section"] == "flash" and r["implementation"] == pallas]
-    if rows:
-      print(f"  flash {pallas}: speed_vs_cudnn = cudnn time / ours (target >= "
-            f"{TARGETS['flash_fwd_bwd_speed_vs_cudnn_min']} for fwd_bwd at T >= "
-            f"{TARGETS['flash_target_min_seq']}); speed_vs_jax_xla = jax xla time / ours")
-      for r in rows:
-        target = ""
-        if (r["mode"] == "fwd_bwd" and r["T"] >= TARGETS["flash_target_min_seq"]
-            and r.get("speed_vs_cudnn") is not None):
-          ok = r["speed_vs_cudnn"] >= TARGETS["flash_fwd_bwd_speed_vs_cudnn_min"]
-          target = "  [target met]" if ok else "  [below target]"
-        ms = f"{r['median_ms']:9.3f} ms" if r.get("median_ms") else f"{'-':>12}"
-        print(f"    B={r['B']} T={r['T']:>6} causal={str(r['causal']):5} {r['mode']:7} {ms}"
-              f"  vs_cudnn={r.get('speed_vs_cudnn')}  vs_jax_xla={r.get('speed_vs_jax_xla')}"
-              f"{target}{'  ' + (r.get('skipped') or r.get('error') or '') if not r.get('median_ms') else ''}",
-              flush=True)
+    for pallas in pallas_names(self.platform, self.args.smoke):
+      self._print_flash_rows(pallas)
     rows = [r for r in self.summary if r["section"] == "block_sparse" and r["kernel"] == "block_sparse"]
     if rows:
       print(f"  block_sparse: speedup_vs_dense = dense flash time / sparse time (target >= "

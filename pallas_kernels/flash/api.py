@@ -13,13 +13,13 @@ one backend:
     XLA path, which supports every call.
   * implementation="pallas" runs the platform's Pallas kernel (on CPU the
     interpret-mode twin "pallas_interpret"); "pallas_tpu_interpret" runs the
-    TPU kernel's logic on CPU; "cudnn" jax.nn's cuDNN call on GPU.
+    TPU kernel's logic on CPU; "cudnn" jax.nn's cuDNN call on GPU;
+    "pallas_mosaic_gpu" the Mosaic GPU (Hopper) kernels.
   * implementation="<name>" runs that backend or raises: a registered backend
-    that does not support the call raises ValueError with its reason; a
-    backend that is planned but not written ("pallas_mosaic_gpu") raises
-    NotImplementedError; any other name raises ValueError.
+    that does not support the call raises ValueError with its reason; any
+    other name raises ValueError.
 The rules live in `pallas_kernels/dispatch.py`; the backends in xla.py,
-pallas.py (tpu.py, gpu_triton.py) and cudnn.py.
+pallas.py (tpu.py, gpu_triton.py, gpu_mosaic.py) and cudnn.py.
 
 A new backend is an object with `name`, `is_supported(call) -> (bool, reason)`
 and `__call__(q, k, v, call=, mask_args=, bias=, scale=, logits_soft_cap=,
@@ -129,8 +129,7 @@ REFERENCE = ReferenceBackend()
 # "auto" order per platform (jax.default_backend()), ending at XLA. The Pallas
 # and cuDNN backends put themselves in front when their modules are imported
 # (`pallas_kernels/flash/__init__.py`).
-DISPATCH = dispatch.Dispatcher("flash_attention", XLA, extra=[REFERENCE],
-                               planned=("pallas_mosaic_gpu",))
+DISPATCH = dispatch.Dispatcher("flash_attention", XLA, extra=[REFERENCE])
 BACKENDS = DISPATCH.backends
 
 

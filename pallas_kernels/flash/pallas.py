@@ -1,7 +1,8 @@
 """Flash attention on Pallas: padding, the block schedule, the custom_vjp, the backends.
 
-Both kernel styles (`tpu.py`: the grid walks the key blocks; `gpu_triton.py`:
-a loop inside the program walks them) compute `reference.py`'s equations over
+The kernel styles (`tpu.py`: the grid walks the key blocks; `gpu_triton.py`:
+a loop inside the program walks them; `gpu_mosaic.py`: a producer warpgroup
+streams them past two compute warpgroups) compute `reference.py`'s equations over
 the blocks a `schedule.BlockSchedule` lists, so causal, windowed, chunked,
 packed and block-sparse attention all skip the blocks they never see. The
 backward pass is FlashAttention-2's (see xla.py's docstring): a dQ kernel over
@@ -19,12 +20,16 @@ where the hardware tiles them, head dims (zero columns change no logit).
 Backends (`is_supported` says what each refuses, and why):
   pallas_tpu            Mosaic TPU, on TPU.
   pallas_triton         Triton, on NVIDIA/AMD GPUs (deprecated upstream from JAX 0.11).
+  pallas_mosaic_gpu     Mosaic GPU, on Hopper (compute capability 9.x). Runs when
+                        named: it is not in "auto" until an H100 has measured it.
   pallas_interpret      the Triton-style kernels in interpret mode, on CPU.
   pallas_tpu_interpret  the TPU-style kernels in interpret mode, on CPU.
 The interpret twins run only when named (or via implementation="pallas" on
 CPU): they exist so tests exercise each backend's logic without hardware.
-A Mosaic GPU (Hopper) kernel is not written yet; "pallas_mosaic_gpu" is a
-planned name that raises NotImplementedError.
+Mosaic GPU has no usable interpret twin on CPU (JAX 0.10's GPU interpreter
+stalls on warp-specialized kernels); its kernels are checked on CPU by
+lowering them for CUDA (tests/pallas_kernels/flash/test_gpu_mosaic.py) and
+numerically by the GPU-marked tests.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash import gpu_mosaic
 from pallas_kernels.flash import gpu_triton
 from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference
@@ -51,7 +57,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class _Static:
   spec: tile.TileSpec
-  kernel: str  # "tpu" or "triton"
+  kernel: str  # "tpu", "triton" or "mosaic_gpu"
   block_q: int
   block_k: int
   interpret: bool
@@ -175,8 +181,11 @@ def _schedule(m, tq, tk, tq_pad, tk_pad, block_q, block_k, batch) -> schedule.Bl
   return schedule.from_block_mask(block_mask)
 
 
-def _triton_lists(indices, counts):
-  """[B, H, rows, n] + [B, H, rows] -> [B, H, rows, pow2 >= 1 + n] with the count in column 0."""
+def _counted_lists(indices, counts):
+  """[B, H, rows, n] + [B, H, rows] -> [B, H, rows, pow2 >= 1 + n] with the count in column 0.
+
+  The GPU kernels read both from one row; the power-of-two width is Triton's.
+  """
   rows = jnp.concatenate([counts[..., None], indices], axis=-1)
   width = _next_pow2(rows.shape[-1])
   return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, width - rows.shape[-1])))
@@ -187,9 +196,13 @@ def _bhtd(x):
 
 
 def _run_forward(st: _Static, q, k, v, params, tokens, sched):
+  if st.kernel == "mosaic_gpu":
+    return gpu_mosaic.forward(st.spec, q, k, v, params, tokens,
+                              _counted_lists(sched.indices, sched.counts),
+                              block_q=st.block_q, block_k=st.block_k)
   if st.kernel == "triton":
     return gpu_triton.forward(st.spec, q, k, v, params, tokens,
-                              _triton_lists(sched.indices, sched.counts),
+                              _counted_lists(sched.indices, sched.counts),
                               block_q=st.block_q, block_k=st.block_k, interpret=st.interpret,
                               launch=st.launch)
   out, lse = tpu.forward(st.spec, _bhtd(q), _bhtd(k), _bhtd(v), params, tokens, sched.counts,
@@ -216,10 +229,15 @@ def _flash_bwd(st, res, cotangents):
   delta = jnp.sum(do.astype(_F32) * out.astype(_F32), axis=-1)  # [B, Tq, Hq]
   delta = jnp.swapaxes(delta, 1, 2) - dlse.astype(_F32)  # [B, Hq, Tq]
   lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  if st.kernel == "triton":
+  if st.kernel == "mosaic_gpu":
+    dq, dk, dv, dparam_rows = gpu_mosaic.backward(
+        st.spec, q, k, v, params, tokens, _counted_lists(sched.indices, sched.counts),
+        _counted_lists(sched.t_indices, sched.t_counts), do.astype(q.dtype), lse_b, delta,
+        block_q=block_q, block_k=block_k)
+  elif st.kernel == "triton":
     dq, dk, dv, dparam_rows = gpu_triton.backward(
-        st.spec, q, k, v, params, tokens, _triton_lists(sched.indices, sched.counts),
-        _triton_lists(sched.t_indices, sched.t_counts), do, lse_b, delta,
+        st.spec, q, k, v, params, tokens, _counted_lists(sched.indices, sched.counts),
+        _counted_lists(sched.t_indices, sched.t_counts), do, lse_b, delta,
         block_q=block_q, block_k=block_k, interpret=st.interpret, launch=st.launch)
   else:
     dq, dk, dv, dparam_rows = tpu.backward(
@@ -277,6 +295,9 @@ class PallasFlashBackend:
     """
     if call.block_shape is not None and call.block_q is None and call.block_k is None:
       return call.block_shape
+    if self.kernel == "mosaic_gpu":
+      default_q, default_k = gpu_mosaic.default_blocks(max(call.head_dim, call.v_head_dim))
+      return call.block_q or default_q, call.block_k or default_k
     if self.interpret:
       fit_q = fit_k = lambda t: _round_up(t, 8)  # noqa: E731
     elif self.kernel == "triton":
@@ -316,6 +337,8 @@ class PallasFlashBackend:
                      f" {(bq, bk)}")
     if self.interpret:
       return True, ""
+    if self.kernel == "mosaic_gpu":
+      return gpu_mosaic.is_supported(call, bq, bk)
     if self.kernel == "triton":
       pltriton, why = triton_backend()
       if pltriton is None:
@@ -335,6 +358,8 @@ class PallasFlashBackend:
     bq, bk = self.blocks(call)
     if self.interpret:
       multiple = 1
+    elif self.kernel == "mosaic_gpu":
+      multiple = gpu_mosaic.HEAD_DIM_MULTIPLE
     elif self.kernel == "triton":
       multiple = _next_pow2(max(call.head_dim, call.v_head_dim, 16))
     else:
@@ -347,5 +372,6 @@ class PallasFlashBackend:
 
 PALLAS_TPU = PallasFlashBackend("pallas_tpu", "tpu", interpret=False)
 PALLAS_TRITON = PallasFlashBackend("pallas_triton", "triton", interpret=False)
+PALLAS_MOSAIC_GPU = PallasFlashBackend("pallas_mosaic_gpu", "mosaic_gpu", interpret=False)
 PALLAS_INTERPRET = PallasFlashBackend("pallas_interpret", "triton", interpret=True)
 PALLAS_TPU_INTERPRET = PallasFlashBackend("pallas_tpu_interpret", "tpu", interpret=True)

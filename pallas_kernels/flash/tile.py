@@ -102,15 +102,21 @@ def dlogits_to_draw(spec: TileSpec, ds, raw):
   return ds * (1.0 - t * t)
 
 
-def distance_param_grads(ds, q_pos, k_pos, params):
-  """Row sums [bq, 1] of ds * d bias / d (slope, power, center); zero where Δ = c."""
+def distance_param_terms(q_pos, k_pos, params):
+  """d bias / d (slope, power, center) per pair, shaped like q_pos - k_pos; zero where Δ = c."""
   delta, x, log_x, x_p = _distance_terms(q_pos, k_pos, params)
   slope, power, center = params[SLOPE], params[POWER], params[CENTER]
   g_slope = -x_p
   g_power = -slope * x_p * log_x
   x_pm1 = jnp.where(x > 0, jnp.exp((power - 1.0) * log_x), 0.0)
   g_center = slope * power * x_pm1 * jnp.sign(delta - center)
-  return tuple(jnp.sum(ds * g, axis=1, keepdims=True) for g in (g_slope, g_power, g_center))
+  return g_slope, g_power, g_center
+
+
+def distance_param_grads(ds, q_pos, k_pos, params):
+  """Row sums [bq, 1] of ds * d bias / d (slope, power, center)."""
+  return tuple(jnp.sum(ds * g, axis=1, keepdims=True)
+               for g in distance_param_terms(q_pos, k_pos, params))
 
 
 def online_softmax_step(m, l, acc, s, v):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import flash_attention
-from pallas_kernels.flash import api, masking, pallas, reference, schedule
+from pallas_kernels.flash import api, gpu_mosaic, masking, pallas, reference, schedule
 from pallas_kernels.triton_backend import triton_backend
 from tests.numerics import rel_err
 from tests.pallas_kernels.flash.parity import packed_segments, BF16_TOL, compare, inputs, jit
@@ -259,14 +259,18 @@ def test_hardware_tiling_rules():
   assert pallas.PALLAS_TRITON.blocks(dataclasses.replace(_call(), q_len=20, kv_len=20)) == (32, 32)
 
 
-def test_other_platforms_and_planned_names_are_errors():
+def test_other_platforms_are_errors():
   q, k, v, _ = inputs(1, 8, 8, 2, 2, 8)
   with pytest.raises(ValueError, match="registered for platform 'tpu'"):
     flash_attention(q, k, v, implementation="pallas_tpu")
   with pytest.raises(ValueError, match="registered for platform 'gpu'"):
     flash_attention(q, k, v, implementation="cudnn")
-  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
+  with pytest.raises(ValueError, match="registered for platform 'gpu'"):
     flash_attention(q, k, v, implementation="pallas_mosaic_gpu")
+  hopper = dataclasses.replace(_call(), platform="gpu", q_dtype=jnp.dtype("float32"),
+                               kv_dtype=jnp.dtype("float32"))
+  ok, why = pallas.PALLAS_MOSAIC_GPU.is_supported(hopper)
+  assert not ok and "wgmma takes bfloat16" in why
   ok, why = api.DISPATCH._find("cudnn", "gpu").is_supported(
       dataclasses.replace(_call(logits_soft_cap=2.0), platform="gpu", q_dtype=jnp.dtype("bfloat16"),
                           kv_dtype=jnp.dtype("bfloat16")))
@@ -275,8 +279,9 @@ def test_other_platforms_and_planned_names_are_errors():
 
 # ---------------------------------------------------------------------------
 # The hardware backends, lowered without the hardware: the Triton lowering (to
-# TTIR) and the Mosaic TPU lowering accept every kernel, forward and backward,
-# with every modification at once, at the tile sizes the backends choose.
+# TTIR), the Mosaic GPU lowering (layouts, wgmma shapes, barriers) and the Mosaic
+# TPU lowering accept every kernel, forward and backward, with every
+# modification at once, at the tile sizes the backends choose.
 
 
 def _chip_info_for_tpu_lowering(monkeypatch):
@@ -293,12 +298,20 @@ def _chip_info_for_tpu_lowering(monkeypatch):
     (pallas.PALLAS_TRITON, "cuda", 192, jnp.float32),  # padded to 256
     (pallas.PALLAS_TPU, "tpu", 128, jnp.bfloat16),
     (pallas.PALLAS_TPU, "tpu", 64, jnp.float32),  # padded to 128
+    (pallas.PALLAS_MOSAIC_GPU, "mosaic_gpu", 128, jnp.bfloat16),
+    (pallas.PALLAS_MOSAIC_GPU, "mosaic_gpu", 80, jnp.float16),  # padded to 128
 ])
 def test_hardware_backends_lower(monkeypatch, backend, platform, head_dim, dtype):
   if backend is pallas.PALLAS_TRITON and triton_backend()[0] is None:
     pytest.skip(triton_backend()[1])
   if platform == "tpu":
     _chip_info_for_tpu_lowering(monkeypatch)
+  if platform == "mosaic_gpu":  # is_supported's device check: the lowering needs no device
+    monkeypatch.setattr(gpu_mosaic, "_hopper", lambda: (True, ""))
+    platform = "cuda"
+  kernel_call = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}[platform]
+  if backend is pallas.PALLAS_MOSAIC_GPU:
+    kernel_call = "mosaic_gpu"
   b, t, hq, hkv = 2, 300, 4, 2
   shapes = dict(q=(b, t, hq, head_dim), k=(b, t, hkv, head_dim), v=(b, t, hkv, head_dim))
   args = [jax.ShapeDtypeStruct(shapes[n], dtype) for n in ("q", "k", "v")] + [
@@ -324,7 +337,7 @@ def test_hardware_backends_lower(monkeypatch, backend, platform, head_dim, dtype
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, sinks, distance_bias)
 
   text = jax.jit(grads).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  kernels = text.count("tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton")
+  kernels = text.count(f"stablehlo.custom_call @{kernel_call}")
   assert kernels == 3, kernels  # forward, dQ, dK/dV
 
 
@@ -370,3 +383,82 @@ def test_auto_on_gpu_runs_triton_and_cudnn_when_named():
   for impl in ("auto", "pallas_triton", "cudnn"):
     got = flash_attention(q, k, v, is_causal=True, implementation=impl)
     assert rel_err(got, want) < BF16_TOL, impl
+
+
+def _needs_hopper():
+  ok, why = gpu_mosaic._hopper()
+  if not ok:
+    pytest.skip(why)
+
+
+_MOSAIC_T = 300  # three 128-row tiles, the last one ragged
+_MOSAIC_MASKS = {
+    "none": dict(),
+    "causal": dict(is_causal=True),
+    "window_left_right": dict(local_window_size=(100, 20)),
+    "padding_prefix": dict(is_causal=True, kv_lengths=jnp.array([_MOSAIC_T, 0]),
+                           prefix_lengths=jnp.array([3, 0])),
+    "segments_causal": dict(is_causal=True, segment_ids=packed_segments(_MOSAIC_T)),
+}
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("kind", sorted(_MOSAIC_MASKS))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_mosaic_gpu_compiled(kind, head_dim):
+  """The Mosaic GPU kernels with their own tiles: odd length, GQA 2, every mask kind, grads."""
+  _needs_hopper()
+  mask = _MOSAIC_MASKS[kind]
+  q, k, v, do = inputs(2, _MOSAIC_T, _MOSAIC_T, 4, 2, head_dim, dtype=jnp.bfloat16)
+  mask_args = masking.make_mask_args(2, _MOSAIC_T, _MOSAIC_T, **mask)
+
+  def fast(q, k, v, *, mask_args, bias, **kw):
+    del mask_args, bias
+    return flash_attention(q, k, v, implementation="pallas_mosaic_gpu", **mask, **kw)
+
+  compare(fast, q, k, v, do, mask_args=mask_args, tol=BF16_TOL)
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_mosaic_gpu_compiled_score_modifications():
+  """Soft cap, sinks, a distance bias and lse at once (their gradients included), GQA 4."""
+  _needs_hopper()
+  t = 200
+  q, k, v, do = inputs(1, t, t, 8, 2, 128, dtype=jnp.bfloat16, seed=5)
+  mask_args = masking.make_mask_args(1, t, t, is_causal=True)
+
+  def fast(q, k, v, *, mask_args, bias, **kw):
+    del mask_args, bias
+    return flash_attention(q, k, v, is_causal=True, implementation="pallas_mosaic_gpu", **kw)
+
+  compare(fast, q, k, v, do, mask_args=mask_args, logits_soft_cap=20.0,
+          sinks=jnp.linspace(-1.0, 1.0, 8),
+          distance_bias=jnp.tile(jnp.array([[0.05, 1.0, 0.0]]), (8, 1)), return_lse=True,
+          tol=BF16_TOL)
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_mosaic_gpu_block_sparse_compiled():
+  """Random lists of 128 x 128 blocks (short, repeated, empty) against dense attention under them."""
+  _needs_hopper()
+  from pallas_kernels import block_sparse_attention
+  from pallas_kernels.block_sparse import reference as sparse_reference
+  t, block, n = 640, (128, 128), 3
+  q, k, v, do = inputs(1, t, t, 4, 4, 128, dtype=jnp.bfloat16, seed=7)
+  rng = np.random.default_rng(7)
+  indices = jnp.asarray(rng.integers(0, t // 128, (1, 4, t // 128, n)), jnp.int32)
+  counts = jnp.asarray(rng.integers(0, n + 1, (1, 4, t // 128)), jnp.int32)
+
+  def run(fn):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(do)
+
+  got = run(lambda q, k, v: block_sparse_attention(q, k, v, indices, counts, block_shape=block,
+                                                   implementation="pallas_mosaic_gpu"))
+  want = run(lambda q, k, v: sparse_reference.attention(
+      q, k, v, indices, counts, block_shape=block, mask_args=masking.MaskArgs()))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < BF16_TOL

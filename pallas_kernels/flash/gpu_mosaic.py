@@ -1,0 +1,515 @@
+"""Flash attention kernels on Mosaic GPU (Hopper: TMA, wgmma, warp specialization).
+
+FlashAttention-3's structure ("FlashAttention-3: Fast and Accurate Attention
+with Asynchrony and Low-precision", Shah et al., 2024) on Pallas Mosaic GPU:
+a CTA holds one query tile of `block_q` rows for one (batch, query head) and
+runs three warpgroups. Two compute warpgroups own `block_q / 2` rows each and
+issue the matmuls on the tensor cores (wgmma); the third is a producer that
+only moves memory: it streams the key/value blocks the tile's list names
+(`schedule.py`) into a ring of `stages` shared-memory slots with TMA copies,
+and refills a slot once both compute warpgroups have released it. The
+tile math is `tile.py`'s (visibility, soft cap, distance bias), applied to
+full [rows, block_k] arrays so every operand has the wgmma register layout;
+the online softmax keeps its row statistics m, l as vectors in the layout of
+a row reduction.
+
+The backward pass follows FlashAttention-2 (see xla.py's docstring) with the
+same warp-specialized shape: a dQ kernel streams key/value blocks past a
+query tile, a dK/dV kernel streams query/dO blocks (the transposed lists) past
+a key tile; each tile is recomputed from the saved log-sum-exp.
+
+Inputs arrive padded (`pallas.py`): sequences to whole tiles, head dims to a
+multiple of 64 (one 128-byte swizzle row of 16-bit elements), lists with the
+count in column 0. Token-level mask data (positions, segment ids, key flags)
+is read from global memory straight into the layout it is used in.
+
+What this backend supports (`is_supported`): every structured mask, soft
+cap, sinks, distance bias, lse, any GQA ratio, head dims up to 128 (the
+backward's shared memory: two 64-row tiles and two stages of streamed blocks),
+bfloat16 and float16 (wgmma's 16-bit inputs), query tiles of 128 rows and key
+tiles of 64 or 128, on compute capability 9.x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash import tile
+
+_F32 = jnp.float32
+_COMPUTE_WGS = 2
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+  return plgpu
+
+
+HEAD_DIM_MULTIPLE = 64
+MAX_HEAD_DIM = 128
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _hopper() -> tuple:
+  """(True, "") on a compute capability 9.x GPU with Pallas Mosaic GPU, else (False, why)."""
+  try:
+    _plgpu()
+  except ImportError as e:  # pragma: no cover - every supported JAX ships it
+    return False, f"this JAX has no Pallas Mosaic GPU ({e})"
+  if jax.default_backend() != "gpu":
+    return False, f"needs a GPU (the default backend is {jax.default_backend()!r})"
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  if not str(capability).startswith("9"):
+    return False, f"needs compute capability 9.x (Hopper wgmma), got {capability!r}"
+  return True, ""
+
+
+def is_supported(call, block_q: int, block_k: int):
+  """What the kernels can run: the checks the module docstring lists, in that order."""
+  if call.q_dtype not in _DTYPES:
+    return False, f"dtype {call.q_dtype} (wgmma takes bfloat16 or float16)"
+  dims = max(call.head_dim, call.v_head_dim)
+  if dims > MAX_HEAD_DIM:
+    return False, f"head dims above {MAX_HEAD_DIM} (got {call.head_dim}, {call.v_head_dim})"
+  if block_q != 2 * 64:
+    return False, f"block_q={block_q}: the query tile is 64 rows per compute warpgroup, 128"
+  if block_k not in (64, 128):
+    return False, f"block_k={block_k} is not 64 or 128"
+  return _hopper()
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """Pipeline depth: how many key/value (or query/dO) blocks are in flight per CTA."""
+  stages: int = 2
+
+
+def default_blocks(head_dim: int):
+  """(block_q, block_k) = (128, 128): 64 query rows per compute warpgroup.
+
+  Shared memory at D = 128 with two stages: forward 192 KiB (query and output
+  tiles, K and V rings), each backward kernel 192 KiB, of the H100's 227 KiB.
+  """
+  del head_dim  # every supported head dim takes the same tiles
+  return 128, 128
+
+
+def _smem_transforms(dtype):
+  plgpu = _plgpu()
+  swizzle = 128
+  cols = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle))
+
+
+def _tokens_at(spec, tokens, b, start, size, layout, side):
+  """Token data of `size` tokens from `start`, as vectors in `layout` (None where absent)."""
+  plgpu = _plgpu()
+
+  def load(name, wanted=True):
+    ref = tokens.get(name)
+    if ref is None or not wanted:
+      return None
+    return plgpu.load(ref.at[b], pl.ds(start, size), layout=layout, optimized=False)
+
+  if side == "q":
+    return load("q_pos", spec.has_positions), load("q_seg", spec.has_segments)
+  return (load("k_pos", spec.has_positions), load("k_seg", spec.has_segments),
+          load("k_flags"))
+
+
+def _tile_logits(spec, raw, q_side, k_side, params, *, keys_on_rows=False):
+  """tile.py's logits on a [rows, cols] tile, token vectors broadcast to the tile.
+
+  Queries run along the rows (keys along the columns) unless `keys_on_rows`:
+  the dK/dV kernel computes the transposed tile K Q^T. Returns the logits and
+  the broadcast positions (for the distance bias's gradients).
+  """
+  shape = raw.shape
+  q_dim, k_dim = ([1], [0]) if keys_on_rows else ([0], [1])
+  spread = lambda x, dims: None if x is None else lax.broadcast_in_dim(x, shape, dims)  # noqa: E731
+  q_pos, q_seg = (spread(x, q_dim) for x in q_side)
+  k_pos, k_seg, k_flags = (spread(x, k_dim) for x in k_side)
+  vis = tile.visible(spec, q_pos, q_seg, k_pos, k_seg, k_flags)
+  return tile.logits(spec, raw, q_pos, k_pos, params, vis), (q_pos, k_pos)
+
+
+def _head_params(ref, h):
+  return tuple(ref[h, i] for i in range(tile.NUM_HEAD_PARAMS))
+
+
+def _matmul(a, b, shape, acc=None):
+  """a @ b on the tensor cores into a float32 accumulator (fresh, or `acc` added to)."""
+  plgpu = _plgpu()
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+
+  if acc is not None:
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+  def fresh(acc_ref):
+    body(acc_ref)
+    return acc_ref[...]
+
+  return pl.run_scoped(fresh, plgpu.ACC(shape, _F32))
+
+
+def _t(ref):
+  return _plgpu().transpose_ref(ref, (1, 0))
+
+
+def _zeros(shape, layout):
+  return _plgpu().layout_cast(jnp.full(shape, 0.0, _F32), layout)
+
+
+def _walk(num_heads, count_of, body, carry):
+  """Runs `carry = body(t, g, j, carry)` for g < num_heads (static), j < count_of(g).
+
+  `t` counts every step: the producer and the compute warpgroups walk the same
+  sequence, so step t always uses ring slot t % stages.
+  """
+  t = jnp.int32(0)
+  for g in range(num_heads):
+    def step(j, c, g=g):
+      t, carry = c
+      return t + 1, body(t, g, j, carry)
+    t, carry = lax.fori_loop(0, count_of(g), step, (t, carry))
+  return carry
+
+
+def _producer(num_heads, count_of, stages, copies):
+  """The memory warpgroup: streams each step's blocks into ring slot t % stages.
+
+  `copies(g, j)` -> [(gmem source, smem ring, ready barriers, free barriers)];
+  a slot is refilled once both compute warpgroups have arrived on its free barrier.
+  """
+  plgpu = _plgpu()
+  plgpu.set_max_registers(40, action="decrease")
+
+  def step(t, g, j, carry):
+    slot = lax.rem(t, stages)
+    for src, ring, ready, free in copies(g, j):
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[slot])
+
+      plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+    return carry
+
+  _walk(num_heads, count_of, step, None)
+
+
+def _barriers(stages):
+  """Ready barriers (one TMA each) and free barriers (both compute warpgroups) per ring slot."""
+  plgpu = _plgpu()
+  return (plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
+
+
+def _launch(body, scratch, out_type, grid, grid_names):
+  plgpu = _plgpu()
+
+  def entry(*refs):
+    pl.run_scoped(lambda *bufs: body(*refs, *bufs), *scratch, collective_axes="wg")
+
+  return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def _token_names(tokens):
+  return sorted(n for n, x in tokens.items() if x is not None)
+
+
+def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
+            launch: Launch = Launch()):
+  """out [B, Tq, Hq, Dv], lse [B, Hq, Tq] (float32) from padded inputs; lists [B, Hs, nq, 1+n]."""
+  plgpu = _plgpu()
+  nb, tq, hq, d = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  group = hq // hkv
+  hs = lists.shape[1]
+  rows = block_q // _COMPUTE_WGS
+  stages = launch.stages
+  dtype = q.dtype
+  names = _token_names(tokens)
+  layout = plgpu.Layout.WGMMA
+  row_layout, col_layout = layout.reduce(1), layout.reduce(0)
+  tr = _smem_transforms(dtype)
+
+  def body(q_ref, k_ref, v_ref, params_ref, lists_ref, *rest):
+    tok = dict(zip(names, rest))
+    rest = rest[len(names):]
+    o_ref, lse_ref, q_smem, o_smem, lse_smem, k_ring, v_ring, q_bar, k_bars, v_bars = rest
+    b, h, qi = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
+    wg = lax.axis_index("wg")
+    h_list = h if hs > 1 else 0
+    count_of = lambda g: lists_ref[b, h_list, qi, 0]  # noqa: E731
+    start_of = lambda j: lists_ref[b, h_list, qi, 1 + j] * block_k  # noqa: E731
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_base = qi * block_q + wg * rows
+      my_q = q_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, rows), h], my_q, q_bar.at[wg])
+      params = _head_params(params_ref, h)
+      q_side = _tokens_at(spec, tok, b, q_base, rows, row_layout, "q")
+      first_m, first_l = ((params[tile.SINK], 1.0) if spec.has_sinks else (-jnp.inf, 0.0))
+      m0 = plgpu.layout_cast(jnp.full((rows,), first_m, _F32), row_layout)
+      l0 = plgpu.layout_cast(jnp.full((rows,), first_l, _F32), row_layout)
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      def step(t, g, j, carry):
+        m, l, acc = carry
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(k_bars[0].at[slot])
+        raw = _matmul(my_q, _t(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        plgpu.barrier_arrive(k_bars[1].at[slot])
+        k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
+        s, _ = _tile_logits(spec, raw, q_side, k_side, params)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+        l = alpha * l + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bars[0].at[slot])
+        acc = _matmul(p.astype(dtype), v_ring.at[slot], acc.shape, acc)
+        plgpu.barrier_arrive(v_bars[1].at[slot])
+        return m_new, l, acc
+
+      m, l, acc = _walk(1, count_of, step, (m0, l0, _zeros((rows, dv), layout)))
+      out = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), acc.shape, [0])
+      lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
+      o_smem.at[wg][...] = out.astype(dtype)
+      lse_smem.at[wg][...] = lse
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(q_base, rows), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q_base, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _produce():
+      kv_head = lax.div(h, group)
+      _producer(1, count_of, stages, lambda g, j: [
+          (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
+          (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
+
+  scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
+             plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
+             plgpu.SMEM((_COMPUTE_WGS, rows), _F32),
+             plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
+             plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
+             plgpu.Barrier(num_barriers=_COMPUTE_WGS), _barriers(stages), _barriers(stages)]
+  return _launch(body, scratch,
+                 [jax.ShapeDtypeStruct((nb, tq, hq, dv), dtype),
+                  jax.ShapeDtypeStruct((nb, hq, tq), _F32)],
+                 (hq, tq // block_q, nb), ("heads", "q_seq", "batch"),
+                 )(q, k, v, head_params, lists, *(tokens[n] for n in names))
+
+
+def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta, *, block_q,
+             block_k, launch: Launch = Launch()):
+  """(dq, dk, dv, dparam_rows [B, Hq, Tq, 3] or None) from padded inputs.
+
+  lse must be +inf on empty rows; delta = rowsum(dO * O) - dlse. The dQ kernel's
+  query tile and the dK/dV kernel's key tile are split between the two compute
+  warpgroups, so both `block_q` and `block_k` hold 2 x 64 rows.
+  """
+  dq, dparam_rows = _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta,
+                                 block_q=block_q, block_k=block_k, stages=launch.stages)
+  dk, dv = _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta,
+                          block_q=block_q, block_k=block_k, stages=launch.stages)
+  return dq, dk, dv, dparam_rows
+
+
+def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, block_q,
+                 block_k, stages):
+  plgpu = _plgpu()
+  nb, tq, hq, d = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  group = hq // hkv
+  hs = lists.shape[1]
+  rows = block_q // _COMPUTE_WGS
+  dtype = q.dtype
+  names = _token_names(tokens)
+  layout = plgpu.Layout.WGMMA
+  row_layout, col_layout = layout.reduce(1), layout.reduce(0)
+  tr = _smem_transforms(dtype)
+  n_dparams = 3 if spec.has_distance_bias else 0
+
+  def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
+    tok = dict(zip(names, rest))
+    rest = rest[len(names):]
+    dq_ref, dparam_refs = rest[0], rest[1:1 + n_dparams]
+    q_smem, do_smem, dp_smem, k_ring, v_ring, in_bar, k_bars, v_bars = rest[1 + n_dparams:]
+    b, h, qi = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
+    wg = lax.axis_index("wg")
+    h_list = h if hs > 1 else 0
+    count_of = lambda g: lists_ref[b, h_list, qi, 0]  # noqa: E731
+    start_of = lambda j: lists_ref[b, h_list, qi, 1 + j] * block_k  # noqa: E731
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_base = qi * block_q + wg * rows
+      rows_at = (b, pl.ds(q_base, rows), h)
+      my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[rows_at], my_q, in_bar.at[2 * wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows_at], my_do, in_bar.at[2 * wg + 1])
+      params = _head_params(params_ref, h)
+      q_side = _tokens_at(spec, tok, b, q_base, rows, row_layout, "q")
+      lse_rows = plgpu.load(lse_ref.at[b, h], pl.ds(q_base, rows), layout=row_layout,
+                            optimized=False)
+      delta_rows = plgpu.load(delta_ref.at[b, h], pl.ds(q_base, rows), layout=row_layout,
+                              optimized=False)
+      plgpu.barrier_wait(in_bar.at[2 * wg])
+      plgpu.barrier_wait(in_bar.at[2 * wg + 1])
+      dparams0 = tuple(plgpu.layout_cast(jnp.full((rows,), 0.0, _F32), row_layout)
+                       for _ in range(n_dparams))
+
+      def step(t, g, j, carry):
+        dq, dparams = carry
+        slot = lax.rem(t, stages)
+        plgpu.barrier_wait(k_bars[0].at[slot])
+        raw = _matmul(my_q, _t(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
+        s, (q_pos, k_pos) = _tile_logits(spec, raw, q_side, k_side, params)
+        p = jnp.exp(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
+        plgpu.barrier_wait(v_bars[0].at[slot])
+        dp = _matmul(my_do, _t(v_ring.at[slot]), (rows, block_k))
+        plgpu.barrier_arrive(v_bars[1].at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
+        ds_raw = tile.dlogits_to_draw(spec, ds, raw)
+        dq = _matmul(ds_raw.astype(dtype), k_ring.at[slot], dq.shape, dq)
+        plgpu.barrier_arrive(k_bars[1].at[slot])
+        if n_dparams:
+          terms = tile.distance_param_terms(q_pos, k_pos, params)
+          dparams = tuple(a + (ds * g_).sum(axis=1) for a, g_ in zip(dparams, terms))
+        return dq, dparams
+
+      dq, dparams = _walk(1, count_of, step, (_zeros((rows, d), layout), dparams0))
+      my_q[...] = (dq * spec.scale).astype(dtype)  # the query tile's buffer carries dQ out
+      for i, rows_i in enumerate(dparams):
+        dp_smem.at[i, wg][...] = rows_i
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows_at])
+      for i, ref in enumerate(dparam_refs):
+        plgpu.copy_smem_to_gmem(dp_smem.at[i, wg], ref.at[b, h, pl.ds(q_base, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _produce():
+      kv_head = lax.div(h, group)
+      _producer(1, count_of, stages, lambda g, j: [
+          (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
+          (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
+
+  scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
+             plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
+             plgpu.SMEM((max(n_dparams, 1), _COMPUTE_WGS, rows), _F32),
+             plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
+             plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
+             _barriers(stages), _barriers(stages)]
+  out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
+  out_type += [jax.ShapeDtypeStruct((nb, hq, tq), _F32)] * n_dparams
+  outs = _launch(body, scratch, out_type, (hq, tq // block_q, nb), ("heads", "q_seq", "batch"),
+                 )(q, k, v, head_params, lists, do, lse, delta, *(tokens[n] for n in names))
+  dparam_rows = jnp.stack(outs[1:], axis=-1) if n_dparams else None
+  return outs[0], dparam_rows
+
+
+def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, *, block_q,
+                   block_k, stages):
+  """dK, dV: a CTA per (batch, kv head, key tile) walks the G query heads' transposed lists."""
+  plgpu = _plgpu()
+  nb, tq, hq, d = q.shape
+  tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  group = hq // hkv
+  hs = t_lists.shape[1]
+  rows = block_k // _COMPUTE_WGS
+  dtype = q.dtype
+  names = _token_names(tokens)
+  layout = plgpu.Layout.WGMMA
+  row_layout, col_layout = layout.reduce(1), layout.reduce(0)
+  tr = _smem_transforms(dtype)
+
+  def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
+    tok = dict(zip(names, rest))
+    rest = rest[len(names):]
+    dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring, in_bar, q_bars, do_bars = rest
+    b, kv_head, ki = (lax.axis_index(a) for a in ("batch", "heads", "k_seq"))
+    wg = lax.axis_index("wg")
+    head_of = lambda g: kv_head * group + g  # noqa: E731
+    row_of = lambda g: head_of(g) if hs > 1 else 0  # noqa: E731
+    count_of = lambda g: lists_ref[b, row_of(g), ki, 0]  # noqa: E731
+    start_of = lambda g, j: lists_ref[b, row_of(g), ki, 1 + j] * block_q  # noqa: E731
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      k_base = ki * block_k + wg * rows
+      rows_at = (b, pl.ds(k_base, rows), kv_head)
+      my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[rows_at], my_k, in_bar.at[2 * wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows_at], my_v, in_bar.at[2 * wg + 1])
+      k_side = _tokens_at(spec, tok, b, k_base, rows, row_layout, "k")
+      plgpu.barrier_wait(in_bar.at[2 * wg])
+      plgpu.barrier_wait(in_bar.at[2 * wg + 1])
+
+      def step(t, g, j, carry):
+        dk, dv_acc = carry
+        h = head_of(g)
+        params = _head_params(params_ref, h)
+        slot = lax.rem(t, stages)
+        start = start_of(g, j)
+        lse_cols = plgpu.load(lse_ref.at[b, h], pl.ds(start, block_q), layout=col_layout,
+                              optimized=False)
+        delta_cols = plgpu.load(delta_ref.at[b, h], pl.ds(start, block_q), layout=col_layout,
+                                optimized=False)
+        q_side = _tokens_at(spec, tok, b, start, block_q, col_layout, "q")
+        plgpu.barrier_wait(q_bars[0].at[slot])
+        raw_t = _matmul(my_k, _t(q_ring.at[slot]), (rows, block_q)) * spec.scale
+        s_t, _ = _tile_logits(spec, raw_t, q_side, k_side, params, keys_on_rows=True)
+        p_t = jnp.exp(s_t - lax.broadcast_in_dim(lse_cols, s_t.shape, [1]))
+        plgpu.barrier_wait(do_bars[0].at[slot])
+        dv_acc = _matmul(p_t.astype(dtype), do_ring.at[slot], dv_acc.shape, dv_acc)
+        dp_t = _matmul(my_v, _t(do_ring.at[slot]), (rows, block_q))
+        plgpu.barrier_arrive(do_bars[1].at[slot])
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_cols, dp_t.shape, [1]))
+        ds_raw_t = tile.dlogits_to_draw(spec, ds_t, raw_t)
+        dk = _matmul(ds_raw_t.astype(dtype), q_ring.at[slot], dk.shape, dk)
+        plgpu.barrier_arrive(q_bars[1].at[slot])
+        return dk, dv_acc
+
+      dk, dv_acc = _walk(group, count_of, step,
+                         (_zeros((rows, d), layout), _zeros((rows, dv), layout)))
+      my_k[...] = (dk * spec.scale).astype(dtype)  # the key/value tiles carry dK/dV out
+      my_v[...] = dv_acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_k, dk_ref.at[rows_at])
+      plgpu.copy_smem_to_gmem(my_v, dv_ref.at[rows_at])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _produce():
+      _producer(group, count_of, stages, lambda g, j: [
+          (q_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], q_ring, *q_bars),
+          (do_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], do_ring, *do_bars)])
+
+  scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
+             plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
+             plgpu.SMEM((stages, block_q, d), dtype, transforms=tr),
+             plgpu.SMEM((stages, block_q, dv), dtype, transforms=tr),
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), _barriers(stages), _barriers(stages)]
+  return _launch(body, scratch,
+                 [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
+                 (hkv, tk // block_k, nb), ("heads", "k_seq", "batch"),
+                 )(q, k, v, head_params, t_lists, do, lse, delta, *(tokens[n] for n in names))
