@@ -6,11 +6,13 @@
 by a `DecodeCall`, and handed to one backend (`pallas_kernels/dispatch.py`):
 
   platform   "auto" order                      "pallas"
-  gpu        pallas_triton, xla                pallas_triton
+  gpu        pallas_triton, xla                pallas_triton, pallas_mosaic_gpu
   tpu        pallas_tpu, xla                   pallas_tpu
   cpu        xla                               pallas_interpret, pallas_tpu_interpret
 
-"reference" and the interpret-mode twins "pallas_interpret" (the Triton
+"pallas_mosaic_gpu" (the Hopper kernel, `gpu_mosaic.py`) runs when named: it
+is not in "auto" until an H100 has run its tests and benchmark. "reference" and
+the interpret-mode twins "pallas_interpret" (the Triton
 kernel) and "pallas_tpu_interpret" (the TPU kernel) run by name on every
 platform; they are for tests (interpret mode is slow) and never chosen by
 "auto". A backend that does not support a call says why
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels.decode import gpu_mosaic
 from pallas_kernels.decode import gpu_triton
 from pallas_kernels.decode import reference
 from pallas_kernels.decode import tpu
@@ -100,6 +103,7 @@ TRITON_BACKEND = gpu_triton.TritonBackend()
 TRITON_INTERPRET_BACKEND = gpu_triton.TritonBackend(interpret=True)
 TPU_BACKEND = tpu.TpuBackend()
 TPU_INTERPRET_BACKEND = tpu.TpuBackend(interpret=True)
+MOSAIC_GPU_BACKEND = gpu_mosaic.MosaicGpuBackend()
 
 # The interpret twins run by name on every platform (tests, debugging a kernel on a GPU host);
 # implementation="pallas" reaches them only on CPU (the Triton twin first); "auto" never does.
@@ -108,6 +112,7 @@ DISPATCH = dispatch.Dispatcher(
     extra=[REFERENCE_BACKEND, TRITON_INTERPRET_BACKEND, TPU_INTERPRET_BACKEND])
 DISPATCH.register(TRITON_BACKEND, ["gpu"])
 DISPATCH.register(TPU_BACKEND, ["tpu"])
+DISPATCH.register(MOSAIC_GPU_BACKEND, ["gpu"], auto=False)
 DISPATCH.register(TRITON_INTERPRET_BACKEND, ["cpu"], auto=False)
 DISPATCH.register(TPU_INTERPRET_BACKEND, ["cpu"], auto=False)
 BACKENDS = DISPATCH.backends
@@ -145,7 +150,8 @@ def decode_attention(
     return_lse: also return the log-sum-exp [B, Hq, Tq] (float32; -inf for a
       row with nothing visible and no sink).
     implementation: "auto", "xla", "reference", "pallas" or a backend name
-      ("pallas_triton", "pallas_tpu", "pallas_interpret", "pallas_tpu_interpret").
+      ("pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "pallas_interpret",
+      "pallas_tpu_interpret").
 
   Returns:
     out [B, Tq, Hq, D] in q.dtype, or (out, lse) with return_lse. A row with

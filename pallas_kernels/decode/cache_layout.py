@@ -57,6 +57,27 @@ def contiguous_as_pages(cache: jax.Array, block: int) -> Tuple[jax.Array, jax.Ar
   return cache.reshape(b * per_seq, block, hkv, d), table
 
 
+def as_pages(k_cache: jax.Array, v_cache: jax.Array, page_table: Optional[jax.Array],
+             block: Optional[int]) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """(k_pages, v_pages, int32 page_table): a paged cache as is, a contiguous one viewed in
+  pages of `block` rows (which must divide S)."""
+  if page_table is None:
+    k_pages, page_table = contiguous_as_pages(k_cache, block)
+    v_pages, _ = contiguous_as_pages(v_cache, block)
+    return k_pages, v_pages, page_table
+  return k_cache, v_cache, page_table.astype(jnp.int32)
+
+
+def split_pages(pages_per_seq: int, programs: int, target: int,
+                num_splits: Optional[int] = None) -> Tuple[int, int]:
+  """(num_splits, pages_per_split): kv splits (flash-decoding) until `programs * splits`
+  reaches `target`, or `num_splits` if given; no split is empty."""
+  if num_splits is None:
+    num_splits = max(1, min(pages_per_seq, -(-target // programs)))
+  pages_per_split = -(-pages_per_seq // num_splits)
+  return -(-pages_per_seq // pages_per_split), pages_per_split
+
+
 def pick_block(length: int, *, cap: int, multiple_of: int = 1, power_of_two: bool = False
                ) -> Optional[int]:
   """The largest divisor of `length` that is <= cap and a multiple of `multiple_of`

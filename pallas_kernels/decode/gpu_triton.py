@@ -98,17 +98,11 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
   if page_table is None:
     block_kv = block_kv or cache_layout.pick_block(k_cache.shape[1], cap=MAX_CONTIGUOUS_BLOCK,
                                                    power_of_two=True)
-    k_pages, page_table = cache_layout.contiguous_as_pages(k_cache, block_kv)
-    v_pages, _ = cache_layout.contiguous_as_pages(v_cache, block_kv)
-  else:
-    k_pages, v_pages = k_cache, v_cache
-  page_table = page_table.astype(jnp.int32)
+  k_pages, v_pages, page_table = cache_layout.as_pages(k_cache, v_cache, page_table, block_kv)
   page_size = k_pages.shape[1]
   pages_per_seq = page_table.shape[1]
-  if num_splits is None:
-    num_splits = max(1, min(pages_per_seq, -(-TARGET_PROGRAMS // (b * hkv))))
-  pages_per_split = -(-pages_per_seq // num_splits)
-  num_splits = -(-pages_per_seq // pages_per_split)  # no empty splits
+  num_splits, pages_per_split = cache_layout.split_pages(pages_per_seq, b * hkv, TARGET_PROGRAMS,
+                                                         num_splits)
   rows = max(MIN_DOT, 1 << max(0, math.ceil(math.log2(tq * group))))
   qg = cache_layout.group_queries(q.astype(k_pages.dtype), hkv, rows)
 
@@ -138,14 +132,8 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
       **params,
   )(cache_layout.lengths_per_kv_head(lengths, hkv), page_table, qg, k_pages, v_pages)
 
-  sink_rows = None
-  if sinks is not None:
-    sink_rows = cache_layout.sinks_per_row(sinks, hkv, tq, rows)[None]
-  out, lse = online_softmax.finalize(acc, m[..., 0], l[..., 0], sink_rows)
-  out = cache_layout.ungroup_rows(out, tq, hq).astype(q.dtype)  # -> [B, Tq, Hq, D]
-  if not return_lse:
-    return out
-  return out, cache_layout.ungroup_rows(lse, tq, hq).transpose(0, 2, 1)
+  return online_softmax.finish_grouped(acc, m[..., 0], l[..., 0], sinks=sinks, q_len=tq,
+                                       num_q_heads=hq, dtype=q.dtype, return_lse=return_lse)
 
 
 class TritonBackend:

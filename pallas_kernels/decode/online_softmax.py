@@ -28,6 +28,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode import cache_layout
 from pallas_kernels.flash import tile
 
 
@@ -67,3 +68,21 @@ def finalize(acc: jax.Array, m: jax.Array, l: jax.Array, sinks: Optional[jax.Arr
   out = acc_all / jnp.where(l_all == 0, 1.0, l_all)[..., None]
   lse = jnp.where(l_all > 0, jnp.log(jnp.where(l_all > 0, l_all, 1.0)) + shift, -jnp.inf)
   return out, lse
+
+
+def finish_grouped(acc, m, l, *, sinks, q_len: int, num_q_heads: int, dtype, return_lse: bool):
+  """A split kernel's partial states over grouped rows -> out [B, Tq, Hq, D] (and lse [B, Hq, Tq]).
+
+  acc [n, B, Hkv, rows, D], m and l [n, B, Hkv, rows] (float32), rows in
+  `cache_layout.group_queries` order; `sinks` [Hq] or None.
+  """
+  hkv, rows = acc.shape[2], acc.shape[3]
+  sink_rows = None
+  if sinks is not None:
+    sink_rows = cache_layout.sinks_per_row(sinks, hkv, q_len, rows)[None]
+  out, lse = finalize(acc, m, l, sink_rows)
+  out = cache_layout.ungroup_rows(out, q_len, num_q_heads).astype(dtype)
+  if not return_lse:
+    return out
+  return out, cache_layout.ungroup_rows(lse, q_len, num_q_heads).transpose(0, 2, 1)
+

@@ -107,10 +107,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
     block_kv = block_kv or (
         cache_layout.pick_block(k_cache.shape[1], cap=MAX_CONTIGUOUS_BLOCK, multiple_of=tile)
         or cache_layout.pick_block(k_cache.shape[1], cap=MAX_CONTIGUOUS_BLOCK))
-    k_pages, page_table = cache_layout.contiguous_as_pages(k_cache, block_kv)
-    v_pages, _ = cache_layout.contiguous_as_pages(v_cache, block_kv)
-  else:
-    k_pages, v_pages = k_cache, v_cache
+  k_pages, v_pages, page_table = cache_layout.as_pages(k_cache, v_cache, page_table, block_kv)
   num_pages, page_size = k_pages.shape[:2]
   pages_per_seq = page_table.shape[1]
   # [N, page_size, Hkv, D] -> [N, page_size, Hkv * D] (free): kv head g is block g of the last axis.
@@ -118,7 +115,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
   v_pages = v_pages.reshape(num_pages, page_size, hkv * d)
   rows = -(-tq * group // tile) * tile
   qg = cache_layout.group_queries(q.astype(k_pages.dtype), hkv, rows)
-  flat_table = page_table.astype(jnp.int32).reshape(-1)
+  flat_table = page_table.reshape(-1)
   flat_lengths = cache_layout.lengths_per_kv_head(lengths, hkv).reshape(-1)
 
   def kv_index(bi, gi, pi, table_ref, lengths_ref):
@@ -158,14 +155,9 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
       name="decode_attention_tpu",
   )(flat_table, flat_lengths, qg, k_pages, v_pages)
 
-  sink_rows = None
-  if sinks is not None:
-    sink_rows = cache_layout.sinks_per_row(sinks, hkv, tq, rows)[None]
-  out, lse = online_softmax.finalize(acc[None], m[None, ..., 0], l[None, ..., 0], sink_rows)
-  out = cache_layout.ungroup_rows(out, tq, hq).astype(q.dtype)
-  if not return_lse:
-    return out
-  return out, cache_layout.ungroup_rows(lse, tq, hq).transpose(0, 2, 1)
+  return online_softmax.finish_grouped(acc[None], m[None, ..., 0], l[None, ..., 0], sinks=sinks,
+                                       q_len=tq, num_q_heads=hq, dtype=q.dtype,
+                                       return_lse=return_lse)
 
 
 class TpuBackend:

@@ -39,34 +39,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import mosaic_gpu
 from pallas_kernels.flash import tile
 
-_F32 = jnp.float32
+_F32 = mosaic_gpu.F32
 _COMPUTE_WGS = 2
-
-
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
-  return plgpu
 
 
 HEAD_DIM_MULTIPLE = 64
 MAX_HEAD_DIM = 128
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _hopper() -> tuple:
-  """(True, "") on a compute capability 9.x GPU with Pallas Mosaic GPU, else (False, why)."""
-  try:
-    _plgpu()
-  except ImportError as e:  # pragma: no cover - every supported JAX ships it
-    return False, f"this JAX has no Pallas Mosaic GPU ({e})"
-  if jax.default_backend() != "gpu":
-    return False, f"needs a GPU (the default backend is {jax.default_backend()!r})"
-  capability = getattr(jax.devices()[0], "compute_capability", "")
-  if not str(capability).startswith("9"):
-    return False, f"needs compute capability 9.x (Hopper wgmma), got {capability!r}"
-  return True, ""
 
 
 def is_supported(call, block_q: int, block_k: int):
@@ -80,7 +62,7 @@ def is_supported(call, block_q: int, block_k: int):
     return False, f"block_q={block_q}: the query tile is 64 rows per compute warpgroup, 128"
   if block_k not in (64, 128):
     return False, f"block_k={block_k} is not 64 or 128"
-  return _hopper()
+  return mosaic_gpu.hopper()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +81,9 @@ def default_blocks(head_dim: int):
   return 128, 128
 
 
-def _smem_transforms(dtype):
-  plgpu = _plgpu()
-  swizzle = 128
-  cols = swizzle // jnp.dtype(dtype).itemsize
-  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle))
-
-
 def _tokens_at(spec, tokens, b, start, size, layout, side):
   """Token data of `size` tokens from `start`, as vectors in `layout` (None where absent)."""
-  plgpu = _plgpu()
+  plgpu = mosaic_gpu.plgpu_module()
 
   def load(name, wanted=True):
     ref = tokens.get(name)
@@ -142,84 +117,9 @@ def _head_params(ref, h):
   return tuple(ref[h, i] for i in range(tile.NUM_HEAD_PARAMS))
 
 
-def _matmul(a, b, shape, acc=None):
-  """a @ b on the tensor cores into a float32 accumulator (fresh, or `acc` added to)."""
-  plgpu = _plgpu()
-
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-
-  if acc is not None:
-    return pl.run_state(body)(plgpu.ACC.init(acc))
-
-  def fresh(acc_ref):
-    body(acc_ref)
-    return acc_ref[...]
-
-  return pl.run_scoped(fresh, plgpu.ACC(shape, _F32))
-
-
-def _t(ref):
-  return _plgpu().transpose_ref(ref, (1, 0))
-
-
-def _zeros(shape, layout):
-  return _plgpu().layout_cast(jnp.full(shape, 0.0, _F32), layout)
-
-
-def _walk(num_heads, count_of, body, carry):
-  """Runs `carry = body(t, g, j, carry)` for g < num_heads (static), j < count_of(g).
-
-  `t` counts every step: the producer and the compute warpgroups walk the same
-  sequence, so step t always uses ring slot t % stages.
-  """
-  t = jnp.int32(0)
-  for g in range(num_heads):
-    def step(j, c, g=g):
-      t, carry = c
-      return t + 1, body(t, g, j, carry)
-    t, carry = lax.fori_loop(0, count_of(g), step, (t, carry))
-  return carry
-
-
-def _producer(num_heads, count_of, stages, copies):
-  """The memory warpgroup: streams each step's blocks into ring slot t % stages.
-
-  `copies(g, j)` -> [(gmem source, smem ring, ready barriers, free barriers)];
-  a slot is refilled once both compute warpgroups have arrived on its free barrier.
-  """
-  plgpu = _plgpu()
-  plgpu.set_max_registers(40, action="decrease")
-
-  def step(t, g, j, carry):
-    slot = lax.rem(t, stages)
-    for src, ring, ready, free in copies(g, j):
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(free.at[slot])
-
-      plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
-    return carry
-
-  _walk(num_heads, count_of, step, None)
-
-
-def _barriers(stages):
-  """Ready barriers (one TMA each) and free barriers (both compute warpgroups) per ring slot."""
-  plgpu = _plgpu()
-  return (plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages))
-
-
-def _launch(body, scratch, out_type, grid, grid_names):
-  plgpu = _plgpu()
-
-  def entry(*refs):
-    pl.run_scoped(lambda *bufs: body(*refs, *bufs), *scratch, collective_axes="wg")
-
-  return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
-                      num_threads=_COMPUTE_WGS + 1, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True))
+def _rings(stages):
+  """Barriers of the two streamed operands' rings (K and V, or Q and dO)."""
+  return (mosaic_gpu.barriers(stages, _COMPUTE_WGS), mosaic_gpu.barriers(stages, _COMPUTE_WGS))
 
 
 def _token_names(tokens):
@@ -229,7 +129,7 @@ def _token_names(tokens):
 def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
             launch: Launch = Launch()):
   """out [B, Tq, Hq, Dv], lse [B, Hq, Tq] (float32) from padded inputs; lists [B, Hs, nq, 1+n]."""
-  plgpu = _plgpu()
+  plgpu = mosaic_gpu.plgpu_module()
   nb, tq, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   group = hq // hkv
@@ -240,7 +140,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
   names = _token_names(tokens)
   layout = plgpu.Layout.WGMMA
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
-  tr = _smem_transforms(dtype)
+  tr = mosaic_gpu.smem_transforms(dtype)
 
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, *rest):
     tok = dict(zip(names, rest))
@@ -269,7 +169,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
         m, l, acc = carry
         slot = lax.rem(t, stages)
         plgpu.barrier_wait(k_bars[0].at[slot])
-        raw = _matmul(my_q, _t(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        raw = mosaic_gpu.matmul(my_q, mosaic_gpu.transposed(k_ring.at[slot]), (rows, block_k)) * spec.scale
         plgpu.barrier_arrive(k_bars[1].at[slot])
         k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
         s, _ = _tile_logits(spec, raw, q_side, k_side, params)
@@ -280,11 +180,11 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
         l = alpha * l + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bars[0].at[slot])
-        acc = _matmul(p.astype(dtype), v_ring.at[slot], acc.shape, acc)
+        acc = mosaic_gpu.matmul(p.astype(dtype), v_ring.at[slot], acc.shape, acc)
         plgpu.barrier_arrive(v_bars[1].at[slot])
         return m_new, l, acc
 
-      m, l, acc = _walk(1, count_of, step, (m0, l0, _zeros((rows, dv), layout)))
+      m, l, acc = mosaic_gpu.walk(1, count_of, step, (m0, l0, mosaic_gpu.zeros((rows, dv), layout)))
       out = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), acc.shape, [0])
       lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
       o_smem.at[wg][...] = out.astype(dtype)
@@ -297,7 +197,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
       kv_head = lax.div(h, group)
-      _producer(1, count_of, stages, lambda g, j: [
+      mosaic_gpu.producer(1, count_of, stages, lambda g, j: [
           (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
           (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
 
@@ -306,12 +206,12 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
              plgpu.SMEM((_COMPUTE_WGS, rows), _F32),
              plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=_COMPUTE_WGS), _barriers(stages), _barriers(stages)]
-  return _launch(body, scratch,
-                 [jax.ShapeDtypeStruct((nb, tq, hq, dv), dtype),
-                  jax.ShapeDtypeStruct((nb, hq, tq), _F32)],
-                 (hq, tq // block_q, nb), ("heads", "q_seq", "batch"),
-                 )(q, k, v, head_params, lists, *(tokens[n] for n in names))
+             plgpu.Barrier(num_barriers=_COMPUTE_WGS), *_rings(stages)]
+  out_type = [jax.ShapeDtypeStruct((nb, tq, hq, dv), dtype),
+              jax.ShapeDtypeStruct((nb, hq, tq), _F32)]
+  return mosaic_gpu.launch(body, scratch, out_type, (hq, tq // block_q, nb),
+                           ("heads", "q_seq", "batch"), _COMPUTE_WGS,
+                           )(q, k, v, head_params, lists, *(tokens[n] for n in names))
 
 
 def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta, *, block_q,
@@ -331,7 +231,7 @@ def backward(spec, q, k, v, head_params, tokens, lists, t_lists, do, lse, delta,
 
 def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, block_q,
                  block_k, stages):
-  plgpu = _plgpu()
+  plgpu = mosaic_gpu.plgpu_module()
   nb, tq, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   group = hq // hkv
@@ -341,7 +241,7 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
   names = _token_names(tokens)
   layout = plgpu.Layout.WGMMA
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
-  tr = _smem_transforms(dtype)
+  tr = mosaic_gpu.smem_transforms(dtype)
   n_dparams = 3 if spec.has_distance_bias else 0
 
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
@@ -378,23 +278,23 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
         dq, dparams = carry
         slot = lax.rem(t, stages)
         plgpu.barrier_wait(k_bars[0].at[slot])
-        raw = _matmul(my_q, _t(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        raw = mosaic_gpu.matmul(my_q, mosaic_gpu.transposed(k_ring.at[slot]), (rows, block_k)) * spec.scale
         k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
         s, (q_pos, k_pos) = _tile_logits(spec, raw, q_side, k_side, params)
         p = jnp.exp(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
         plgpu.barrier_wait(v_bars[0].at[slot])
-        dp = _matmul(my_do, _t(v_ring.at[slot]), (rows, block_k))
+        dp = mosaic_gpu.matmul(my_do, mosaic_gpu.transposed(v_ring.at[slot]), (rows, block_k))
         plgpu.barrier_arrive(v_bars[1].at[slot])
         ds = p * (dp - lax.broadcast_in_dim(delta_rows, dp.shape, [0]))
         ds_raw = tile.dlogits_to_draw(spec, ds, raw)
-        dq = _matmul(ds_raw.astype(dtype), k_ring.at[slot], dq.shape, dq)
+        dq = mosaic_gpu.matmul(ds_raw.astype(dtype), k_ring.at[slot], dq.shape, dq)
         plgpu.barrier_arrive(k_bars[1].at[slot])
         if n_dparams:
           terms = tile.distance_param_terms(q_pos, k_pos, params)
           dparams = tuple(a + (ds * g_).sum(axis=1) for a, g_ in zip(dparams, terms))
         return dq, dparams
 
-      dq, dparams = _walk(1, count_of, step, (_zeros((rows, d), layout), dparams0))
+      dq, dparams = mosaic_gpu.walk(1, count_of, step, (mosaic_gpu.zeros((rows, d), layout), dparams0))
       my_q[...] = (dq * spec.scale).astype(dtype)  # the query tile's buffer carries dQ out
       for i, rows_i in enumerate(dparams):
         dp_smem.at[i, wg][...] = rows_i
@@ -407,7 +307,7 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
       kv_head = lax.div(h, group)
-      _producer(1, count_of, stages, lambda g, j: [
+      mosaic_gpu.producer(1, count_of, stages, lambda g, j: [
           (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
           (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
 
@@ -416,12 +316,13 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
              plgpu.SMEM((max(n_dparams, 1), _COMPUTE_WGS, rows), _F32),
              plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
-             _barriers(stages), _barriers(stages)]
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages)]
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
   out_type += [jax.ShapeDtypeStruct((nb, hq, tq), _F32)] * n_dparams
-  outs = _launch(body, scratch, out_type, (hq, tq // block_q, nb), ("heads", "q_seq", "batch"),
-                 )(q, k, v, head_params, lists, do, lse, delta, *(tokens[n] for n in names))
+  outs = mosaic_gpu.launch(body, scratch, out_type, (hq, tq // block_q, nb),
+                           ("heads", "q_seq", "batch"), _COMPUTE_WGS,
+                           )(q, k, v, head_params, lists, do, lse, delta,
+                             *(tokens[n] for n in names))
   dparam_rows = jnp.stack(outs[1:], axis=-1) if n_dparams else None
   return outs[0], dparam_rows
 
@@ -429,7 +330,7 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
 def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, *, block_q,
                    block_k, stages):
   """dK, dV: a CTA per (batch, kv head, key tile) walks the G query heads' transposed lists."""
-  plgpu = _plgpu()
+  plgpu = mosaic_gpu.plgpu_module()
   nb, tq, hq, d = q.shape
   tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   group = hq // hkv
@@ -439,7 +340,7 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
   names = _token_names(tokens)
   layout = plgpu.Layout.WGMMA
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
-  tr = _smem_transforms(dtype)
+  tr = mosaic_gpu.smem_transforms(dtype)
 
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
     tok = dict(zip(names, rest))
@@ -476,21 +377,21 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
                                 optimized=False)
         q_side = _tokens_at(spec, tok, b, start, block_q, col_layout, "q")
         plgpu.barrier_wait(q_bars[0].at[slot])
-        raw_t = _matmul(my_k, _t(q_ring.at[slot]), (rows, block_q)) * spec.scale
+        raw_t = mosaic_gpu.matmul(my_k, mosaic_gpu.transposed(q_ring.at[slot]), (rows, block_q)) * spec.scale
         s_t, _ = _tile_logits(spec, raw_t, q_side, k_side, params, keys_on_rows=True)
         p_t = jnp.exp(s_t - lax.broadcast_in_dim(lse_cols, s_t.shape, [1]))
         plgpu.barrier_wait(do_bars[0].at[slot])
-        dv_acc = _matmul(p_t.astype(dtype), do_ring.at[slot], dv_acc.shape, dv_acc)
-        dp_t = _matmul(my_v, _t(do_ring.at[slot]), (rows, block_q))
+        dv_acc = mosaic_gpu.matmul(p_t.astype(dtype), do_ring.at[slot], dv_acc.shape, dv_acc)
+        dp_t = mosaic_gpu.matmul(my_v, mosaic_gpu.transposed(do_ring.at[slot]), (rows, block_q))
         plgpu.barrier_arrive(do_bars[1].at[slot])
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_cols, dp_t.shape, [1]))
         ds_raw_t = tile.dlogits_to_draw(spec, ds_t, raw_t)
-        dk = _matmul(ds_raw_t.astype(dtype), q_ring.at[slot], dk.shape, dk)
+        dk = mosaic_gpu.matmul(ds_raw_t.astype(dtype), q_ring.at[slot], dk.shape, dk)
         plgpu.barrier_arrive(q_bars[1].at[slot])
         return dk, dv_acc
 
-      dk, dv_acc = _walk(group, count_of, step,
-                         (_zeros((rows, d), layout), _zeros((rows, dv), layout)))
+      dk, dv_acc = mosaic_gpu.walk(group, count_of, step,
+                         (mosaic_gpu.zeros((rows, d), layout), mosaic_gpu.zeros((rows, dv), layout)))
       my_k[...] = (dk * spec.scale).astype(dtype)  # the key/value tiles carry dK/dV out
       my_v[...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
@@ -500,7 +401,7 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      _producer(group, count_of, stages, lambda g, j: [
+      mosaic_gpu.producer(group, count_of, stages, lambda g, j: [
           (q_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], q_ring, *q_bars),
           (do_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], do_ring, *do_bars)])
 
@@ -508,8 +409,9 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
              plgpu.SMEM((stages, block_q, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_q, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), _barriers(stages), _barriers(stages)]
-  return _launch(body, scratch,
-                 [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
-                 (hkv, tk // block_k, nb), ("heads", "k_seq", "batch"),
-                 )(q, k, v, head_params, t_lists, do, lse, delta, *(tokens[n] for n in names))
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages)]
+  out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
+  return mosaic_gpu.launch(body, scratch, out_type, (hkv, tk // block_k, nb),
+                           ("heads", "k_seq", "batch"), _COMPUTE_WGS,
+                           )(q, k, v, head_params, t_lists, do, lse, delta,
+                             *(tokens[n] for n in names))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode import api, decode_attention, gpu_triton, tpu
+from pallas_kernels.decode import api, decode_attention, gpu_mosaic, gpu_triton, tpu
 from pallas_kernels.flash import masking
 from pallas_kernels.flash import reference as flash_reference
 from tests.numerics import rel_err
@@ -254,8 +254,8 @@ def test_stale_entries_past_the_length_are_never_read():
 
 
 def _call(platform, *, hq=4, hkv=2, d=128, dtype=jnp.float32, kv_dtype=None, page_size=16,
-          capacity=64, paged=True):
-  q = jax.ShapeDtypeStruct((2, 1, hq, d), dtype)
+          capacity=64, paged=True, tq=1):
+  q = jax.ShapeDtypeStruct((2, tq, hq, d), dtype)
   if paged:
     k = jax.ShapeDtypeStruct((9, page_size, hkv, d), kv_dtype or dtype)
     table = jax.ShapeDtypeStruct((2, capacity // page_size), jnp.int32)
@@ -316,6 +316,19 @@ def test_auto_on_accelerators_picks_the_kernel_or_logs_why_not(caplog):
      "differs from the cache dtype"),
     (tpu.TpuBackend(interpret=True, block_kv=24), dict(platform="cpu", paged=False, capacity=64),
      "block_kv=24 does not divide"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.float32), "float32 is not one of"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.bfloat16, d=96),
+     "head_dim 96 is not a multiple of 64"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.bfloat16, d=64, page_size=16),
+     "page_size 16: pages must be a multiple of 64"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.bfloat16, d=64, paged=False,
+                                  capacity=96), "cache length 96"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.bfloat16, d=64, page_size=64,
+                                  tq=33), "exceed the 64 rows"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="gpu", dtype=jnp.bfloat16, page_size=256,
+                                  capacity=256), "exceed shared memory"),
+    (api.MOSAIC_GPU_BACKEND, dict(platform="cpu", dtype=jnp.bfloat16, d=64, page_size=64),
+     "runs on a GPU"),
 ])
 def test_backends_refuse_what_they_cannot_do(backend, call, reason):
   ok, why = backend.is_supported(_call(**call))
@@ -370,9 +383,9 @@ def test_bad_arguments_are_named(change, match):
 # Hardware kernels: lowering without the hardware, and a real GPU run.
 
 
-def _lower(fn, platform, dtype):
+def _lower(fn, platform, dtype, page=16):
   """Lowers `fn` (paged and contiguous, per-head lengths, cap, sinks, lse) for `platform`."""
-  b, tq, hq, hkv, d, page, pages = 2, 3, 8, 2, 128, 16, 4
+  b, tq, hq, hkv, d, pages = 2, 3, 8, 2, 128, 4
   q = jax.ShapeDtypeStruct((b, tq, hq, d), dtype)
   lengths = jax.ShapeDtypeStruct((b, hkv), jnp.int32)
   sinks = jax.ShapeDtypeStruct((hq,), jnp.float32)
@@ -405,6 +418,12 @@ def test_tpu_kernel_lowers_for_tpu(monkeypatch, dtype):
   _lower(tpu.decode_attention, "tpu", dtype)
 
 
+@pytest.mark.parametrize("page", [64, 128])
+def test_mosaic_gpu_kernel_lowers_for_cuda(page):
+  """The Mosaic GPU lowering (layouts, wgmma, TMA, barriers, shared memory) runs without a GPU."""
+  _lower(gpu_mosaic.decode_attention, "cuda", jnp.bfloat16, page=page)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
 def test_triton_kernel_on_a_gpu(monkeypatch, dtype, tol):
@@ -422,3 +441,23 @@ def test_triton_kernel_on_a_gpu(monkeypatch, dtype, tol):
       "paged": _run_all(q, k_pages, v_pages, lengths, page_table, paths=("pallas_triton",),
                         **kw)["pallas_triton"]}
   _check(results, oracle, q, tol)
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_kernel_on_a_gpu(monkeypatch):
+  """Compiles and runs `pallas_mosaic_gpu` (page_size 64, head_dim 128, GQA 4, Tq 3) on Hopper."""
+  ok, why = gpu_mosaic.mosaic_gpu.hopper()
+  if not ok:
+    pytest.skip(why)
+  for name, value in (("D", 128), ("PAGE", 64), ("S", 64 * PAGES)):
+    monkeypatch.setitem(globals(), name, value)
+  rng, q, k, v, lengths = _case(7, 8, 2, 3, per_head=True, dtype=jnp.bfloat16)
+  kw = dict(sinks=jnp.linspace(-1.0, 1.0, 8), logits_soft_cap=20.0)
+  oracle = _oracle(q, k, v, lengths, **kw)
+  k_pages, v_pages, page_table = _paginate(rng, k, v)
+  results = {
+      "contiguous": _run_all(q, k, v, lengths, paths=("pallas_mosaic_gpu",),
+                             **kw)["pallas_mosaic_gpu"],
+      "paged": _run_all(q, k_pages, v_pages, lengths, page_table, paths=("pallas_mosaic_gpu",),
+                        **kw)["pallas_mosaic_gpu"]}
+  _check(results, oracle, q, BF16_TOL)

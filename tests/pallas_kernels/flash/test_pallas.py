@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import flash_attention
-from pallas_kernels.flash import api, gpu_mosaic, masking, pallas, reference, schedule
+from pallas_kernels import mosaic_gpu
+from pallas_kernels.flash import api, masking, pallas, reference, schedule
 from pallas_kernels.triton_backend import triton_backend
 from tests.numerics import rel_err
 from tests.pallas_kernels.flash.parity import packed_segments, BF16_TOL, compare, inputs, jit
@@ -307,7 +308,7 @@ def test_hardware_backends_lower(monkeypatch, backend, platform, head_dim, dtype
   if platform == "tpu":
     _chip_info_for_tpu_lowering(monkeypatch)
   if platform == "mosaic_gpu":  # is_supported's device check: the lowering needs no device
-    monkeypatch.setattr(gpu_mosaic, "_hopper", lambda: (True, ""))
+    monkeypatch.setattr(mosaic_gpu, "hopper", lambda: (True, ""))
     platform = "cuda"
   kernel_call = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}[platform]
   if backend is pallas.PALLAS_MOSAIC_GPU:
@@ -386,7 +387,7 @@ def test_auto_on_gpu_runs_triton_and_cudnn_when_named():
 
 
 def _needs_hopper():
-  ok, why = gpu_mosaic._hopper()
+  ok, why = mosaic_gpu.hopper()
   if not ok:
     pytest.skip(why)
 

@@ -1,0 +1,137 @@
+"""Pallas Mosaic GPU plumbing shared by the Hopper kernels (flash/gpu_mosaic.py, decode/gpu_mosaic.py).
+
+The kernels are warp-specialized: one producer warpgroup streams blocks from
+global into shared memory with TMA, through a ring of `stages` slots, while
+the compute warpgroups run wgmma on them. Step t of a walk always uses slot
+t % stages; a slot's "ready" barrier completes when its copy lands, its
+"free" barrier when every compute warpgroup has arrived after its last read,
+and the producer waits on "free" before it refills the slot. The walk is the
+same sequence on both sides (`walk`), so the two never disagree on a slot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+
+
+def plgpu_module():
+  """jax.experimental.pallas.mosaic_gpu, imported when a Mosaic GPU kernel is built."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+  return plgpu
+
+
+def hopper() -> tuple:
+  """(True, "") on a compute capability 9.x GPU with Pallas Mosaic GPU, else (False, why)."""
+  try:
+    plgpu_module()
+  except ImportError as e:  # pragma: no cover - every supported JAX ships it
+    return False, f"this JAX has no Pallas Mosaic GPU ({e})"
+  if jax.default_backend() != "gpu":
+    return False, f"needs a GPU (the default backend is {jax.default_backend()!r})"
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  if not str(capability).startswith("9"):
+    return False, f"needs compute capability 9.x (Hopper wgmma), got {capability!r}"
+  return True, ""
+
+
+def smem_transforms(dtype):
+  """Shared-memory tiles for wgmma operands: rows of one 128-byte swizzle."""
+  plgpu = plgpu_module()
+  swizzle = 128
+  cols = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle))
+
+
+def matmul(a, b, shape, acc=None):
+  """a @ b on the tensor cores into a float32 accumulator (fresh, or `acc` added to)."""
+  plgpu = plgpu_module()
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+
+  if acc is not None:
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+  def fresh(acc_ref):
+    body(acc_ref)
+    return acc_ref[...]
+
+  return pl.run_scoped(fresh, plgpu.ACC(shape, F32))
+
+
+def transposed(ref):
+  """A [m, n] shared-memory ref read as [n, m] by wgmma (K^T without a copy)."""
+  return plgpu_module().transpose_ref(ref, (1, 0))
+
+
+def zeros(shape, layout):
+  """float32 zeros in a register layout (an accumulator's start)."""
+  return plgpu_module().layout_cast(jnp.full(shape, 0.0, F32), layout)
+
+
+def walk(num_heads, count_of, body, carry):
+  """Runs `carry = body(t, g, j, carry)` for g < num_heads (static), j < count_of(g).
+
+  `t` counts every step: the producer and the compute warpgroups walk the same
+  sequence, so step t always uses ring slot t % stages.
+  """
+  t = jnp.int32(0)
+  for g in range(num_heads):
+    def step(j, c, g=g):
+      t, carry = c
+      return t + 1, body(t, g, j, carry)
+    t, carry = lax.fori_loop(0, count_of(g), step, (t, carry))
+  return carry
+
+
+def producer(num_heads, count_of, stages, copies):
+  """The memory warpgroup: streams each step's blocks into ring slot t % stages.
+
+  `copies(g, j)` -> [(gmem source, smem ring, ready barriers, free barriers)];
+  a slot is refilled once every compute warpgroup has arrived on its free barrier.
+  The producer gives its registers to the compute warpgroups.
+  """
+  plgpu = plgpu_module()
+  plgpu.set_max_registers(40, action="decrease")
+
+  def step(t, g, j, carry):
+    slot = lax.rem(t, stages)
+    for src, ring, ready, free in copies(g, j):
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[slot])
+
+      plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+    return carry
+
+  walk(num_heads, count_of, step, None)
+
+
+def barriers(stages, compute_wgs):
+  """(ready, free) barriers per ring slot: ready takes one TMA, free every compute warpgroup."""
+  plgpu = plgpu_module()
+  return (plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages))
+
+
+def launch(body, scratch, out_type, grid, grid_names, compute_wgs):
+  """plgpu.kernel over `grid` with compute_wgs + 1 warpgroups (axis "wg"; the last produces).
+
+  `body(*in_refs, *out_refs, *scratch_refs)`; `scratch` are shared-memory
+  buffers and barriers, allocated once per CTA for all its warpgroups.
+  """
+  plgpu = plgpu_module()
+
+  def entry(*refs):
+    pl.run_scoped(lambda *bufs: body(*refs, *bufs), *scratch, collective_axes="wg")
+
+  return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=compute_wgs + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
