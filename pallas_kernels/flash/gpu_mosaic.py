@@ -26,8 +26,8 @@ is read from global memory straight into the layout it is used in.
 What this backend supports (`is_supported`): every structured mask, soft
 cap, sinks, distance bias, lse, any GQA ratio, head dims up to 128 (the
 backward's shared memory: two 64-row tiles and two stages of streamed blocks),
-bfloat16 and float16 (wgmma's 16-bit inputs), query tiles of 128 rows and key
-tiles of 64 or 128, on compute capability 9.x.
+bfloat16 and float16 (wgmma's 16-bit inputs), 128 x 128 tiles (block-sparse
+block shapes included), on compute capability 9.x.
 """
 
 from __future__ import annotations
@@ -44,24 +44,25 @@ from pallas_kernels.flash import tile
 
 _F32 = mosaic_gpu.F32
 _COMPUTE_WGS = 2
-
-
+_WG_ROWS = 64  # query (dQ, forward) or key (dK/dV) rows per compute warpgroup: one wgmma tile
 HEAD_DIM_MULTIPLE = 64
 MAX_HEAD_DIM = 128
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def is_supported(call, block_q: int, block_k: int):
-  """What the kernels can run: the checks the module docstring lists, in that order."""
+  """(ok, reason): the dtypes, head dims and tiles of the module docstring, then the device."""
   if call.q_dtype not in _DTYPES:
     return False, f"dtype {call.q_dtype} (wgmma takes bfloat16 or float16)"
   dims = max(call.head_dim, call.v_head_dim)
   if dims > MAX_HEAD_DIM:
     return False, f"head dims above {MAX_HEAD_DIM} (got {call.head_dim}, {call.v_head_dim})"
-  if block_q != 2 * 64:
-    return False, f"block_q={block_q}: the query tile is 64 rows per compute warpgroup, 128"
-  if block_k not in (64, 128):
-    return False, f"block_k={block_k} is not 64 or 128"
+  if block_q != _COMPUTE_WGS * _WG_ROWS:
+    return False, (f"block_q={block_q} is not {_COMPUTE_WGS * _WG_ROWS} ({_WG_ROWS} rows per"
+                   " compute warpgroup)")
+  if block_k != _COMPUTE_WGS * _WG_ROWS:  # the dK/dV kernel splits the key tile the same way
+    return False, (f"block_k={block_k} is not {_COMPUTE_WGS * _WG_ROWS} ({_WG_ROWS} key rows per"
+                   " compute warpgroup in the dK/dV kernel)")
   return mosaic_gpu.hopper()
 
 

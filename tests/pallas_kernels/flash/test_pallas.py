@@ -272,6 +272,12 @@ def test_other_platforms_are_errors():
                                kv_dtype=jnp.dtype("float32"))
   ok, why = pallas.PALLAS_MOSAIC_GPU.is_supported(hopper)
   assert not ok and "wgmma takes bfloat16" in why
+  bf16 = dict(q_dtype=jnp.dtype("bfloat16"), kv_dtype=jnp.dtype("bfloat16"))
+  ok, why = pallas.PALLAS_MOSAIC_GPU.is_supported(dataclasses.replace(hopper, block_k=64, **bf16))
+  assert not ok and "block_k=64 is not 128" in why
+  ok, why = pallas.PALLAS_MOSAIC_GPU.is_supported(dataclasses.replace(hopper, head_dim=192,
+                                                                      v_head_dim=192, **bf16))
+  assert not ok and "head dims above 128" in why
   ok, why = api.DISPATCH._find("cudnn", "gpu").is_supported(
       dataclasses.replace(_call(logits_soft_cap=2.0), platform="gpu", q_dtype=jnp.dtype("bfloat16"),
                           kv_dtype=jnp.dtype("bfloat16")))
