@@ -45,6 +45,7 @@ from flax import nnx
 
 from layers.attention import registry
 from layers.attention.config import AttentionConfig
+from layers.attention.kv_cache import KVCache
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention, mha
 from layers.linear import Linear
@@ -60,7 +61,11 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate_logits: jax.A
   q [B,Tq,Hq,D], k/v [B,Tk,Hkv,D]; gate_logits [B,Tq,Hq] (headwise) or
   [B,Tq,Hq,D] (elementwise). Returns [B,Tq,Hq,D].
   """
-  o = mha(q, k, v, mask, scale=scale, implementation=implementation)
+  return apply_gate(mha(q, k, v, mask, scale=scale, implementation=implementation), gate_logits)
+
+
+def apply_gate(o: jax.Array, gate_logits: jax.Array) -> jax.Array:
+  """Y = O * sigmoid(G): o [B, Tq, Hq, D]; gate_logits [B, Tq, Hq] or [B, Tq, Hq, D]."""
   if gate_logits.shape == o.shape[:3]:
     gate_logits = gate_logits[..., None]
   elif gate_logits.shape != o.shape:
@@ -94,9 +99,15 @@ class GatedAttention(MultiHeadAttention):
     self.gate_bias = nnx.Param(jnp.full(shape, bias_init, cfg.param_dtype),
                                logical_axes=axes[1:])
 
-  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
-           positions: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    q, k = self.positional(q, k, positions, positions)
-    gate_logits = self.gate(x) + self.gate_bias[...].astype(cfg.dtype)
-    return gated_attention(q, k, v, gate_logits, mask, implementation=cfg.implementation)
+  def gate_logits(self, x: jax.Array) -> jax.Array:
+    """G = x W_G + b_G for the tokens x [B, T, d]: [B, T, Hq] or [B, T, Hq, D]."""
+    return self.gate(x) + self.gate_bias[...].astype(self.cfg.dtype)
+
+  def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+             mask: Mask) -> jax.Array:
+    return gated_attention(q, k, v, self.gate_logits(x), mask,
+                           implementation=self.cfg.implementation)
+
+  def attend_cached(self, x: jax.Array, q: jax.Array, cache: KVCache) -> jax.Array:
+    """Decoding: the new tokens' SDPA over the cache, gated by their own x (the gate is per query)."""
+    return apply_gate(super().attend_cached(x, q, cache), self.gate_logits(x))

@@ -30,9 +30,12 @@ the new tokens, transforms q and k at their positions L_b + t (RoPE and every
 per-token (a) transform), appends k, v and attends over the cache through
 `decode_attention` (`attend_cache`; a window or an ALiBi/BAM distance bias runs
 the flash path over the cache instead). prefill + decode steps equal the
-parallel forward over the whole sequence. Families that change the core, and
-encodings that own the attention (CoPE, rope_buckets), have no decode path:
-`decode_refusal()` says why and the cache methods raise it.
+parallel forward over the whole sequence. A family that changes only the
+attention of transformed q, k, v overrides `attend` and `attend_cached` and
+decodes the same way (gated: a gate on the output; sinks: sink logits in the
+softmax). Families that change the rest of the core, and encodings that own
+the attention (CoPE, rope_buckets), have no decode path: `decode_refusal()`
+says why and the cache methods raise it.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class MultiHeadAttention(nnx.Module):
     self.positional = make_positional(cfg, rngs=rngs)
     cls = type(self)
     own_core = (cls.core is not MultiHeadAttention.core
-                or cls.__call__ is not MultiHeadAttention.__call__)
+                or cls.__call__ is not MultiHeadAttention.__call__
+                or cls.attend is not MultiHeadAttention.attend)
     family = getattr(cls, "family_id", cls.__name__)
     if (self.positional.has_bias and not getattr(cls, "applies_positional_bias", False)
         and own_core):
@@ -134,10 +138,16 @@ class MultiHeadAttention(nnx.Module):
     (for gates and routers).
     """
     q, k = self.positional(q, k, positions, positions)
-    return self._attend(q, k, v, mask)
+    return self.attend(x, q, k, v, mask)
 
-  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
-    """Already transformed q, k and v -> per-head outputs (the second half of `core`)."""
+  def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+             mask: Mask) -> jax.Array:
+    """Already transformed q, k and v -> per-head outputs (the second half of `core`).
+
+    A family that changes only this half (a gate on the output, sink logits)
+    overrides it together with `attend_cached`, its decode counterpart, and
+    then prefills and decodes like `mha`.
+    """
     if self.positional.owns_attention:
       return self.positional.attention(q, k, v, mask, implementation=self.cfg.implementation)
     return mha(q, k, v, mask, implementation=self.cfg.implementation,
@@ -152,7 +162,9 @@ class MultiHeadAttention(nnx.Module):
   def decode_refusal(self) -> Optional[str]:
     """Why this layer has no KV-cache decode path (a message naming the setting), or None."""
     cls = type(self)
-    if cls.core is not MultiHeadAttention.core or cls.__call__ is not MultiHeadAttention.__call__:
+    base = MultiHeadAttention
+    if (cls.core is not base.core or cls.__call__ is not base.__call__
+        or (cls.attend is not base.attend and cls.attend_cached is base.attend_cached)):
       family = getattr(cls, "family_id", cls.__name__)
       return (f"attention={family!r} (model.attention) has no KV-cache decode path; "
               "use attention='mha' (or 'sqa') to generate")
@@ -185,7 +197,7 @@ class MultiHeadAttention(nnx.Module):
     q, k, v = self.qkv(x)
     # The mha core, split so the transformed keys it attends with are the ones cached.
     q, k = self.positional(q, k, positions, positions)
-    y = self.out(self._attend(q, k, v, mask))
+    y = self.out(self.attend(x, q, k, v, mask))
     if lengths is None:
       lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
     return y, cache.fill(k, v, lengths)
@@ -197,7 +209,10 @@ class MultiHeadAttention(nnx.Module):
     positions = cache.positions(x.shape[1])
     q, k = self.positional(q, k, positions, positions)
     cache = cache.write(k, v)
-    o = attend_cache(q, cache, window=self.cfg.window,
-                     distance_bias=self.positional.distance_bias(),
-                     implementation=self.cfg.implementation)
-    return self.out(o), cache
+    return self.out(self.attend_cached(x, q, cache)), cache
+
+  def attend_cached(self, x: jax.Array, q: jax.Array, cache: KVCache) -> jax.Array:
+    """`attend` for new tokens: transformed q [B, Tq, Hq, D] against the cache that holds them."""
+    return attend_cache(q, cache, window=self.cfg.window,
+                        distance_bias=self.positional.distance_bias(),
+                        implementation=self.cfg.implementation)

@@ -52,6 +52,7 @@ from flax import nnx
 
 from layers.attention import registry
 from layers.attention.config import AttentionConfig
+from layers.attention.kv_cache import KVCache, attend_cache
 from layers.attention.masks import Mask
 from layers.attention.mha import MultiHeadAttention
 from pallas_kernels.flash import api as flash_api
@@ -119,10 +120,20 @@ class SinkAttention(MultiHeadAttention):
       self.sink_k = nnx.Param(jnp.zeros(shape, cfg.param_dtype), logical_axes=axes)
       self.sink_v = nnx.Param(jnp.zeros(shape, cfg.param_dtype), logical_axes=axes)
 
-  def core(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
-           positions: jax.Array) -> jax.Array:
+  def decode_refusal(self) -> Optional[str]:
+    if self.kind == "tokens":
+      return ("model.attention_options.sink='tokens' has no KV-cache decode path (the sink"
+              " tokens are not in the cache); use sink='logit' to generate")
+    return super().decode_refusal()
+
+  def attend_cached(self, x: jax.Array, q: jax.Array, cache: KVCache) -> jax.Array:
+    """Decoding with sink logits: every new token's softmax includes s_h, as in `attend`."""
+    return attend_cache(q, cache, window=self.cfg.window, sinks=self.sink_logits[...],
+                        implementation=self.cfg.implementation)
+
+  def attend(self, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+             mask: Mask) -> jax.Array:
     cfg = self.cfg
-    q, k = self.positional(q, k, positions, positions)
     if self.kind == "logit":
       return sink_logit_attention(q, k, v, self.sink_logits[...], mask,
                                   implementation=cfg.implementation)

@@ -14,6 +14,7 @@ LOGIT_TOL = dict(atol=5e-5, rtol=5e-5)  # float32 rounding; logits are of order 
 
 LMS = {
     "rope_gqa": dict(num_kv_heads=2),
+    "gated": dict(attention="gated", num_kv_heads=2),  # the gate reads each new token's input
     "gpt2": dict(position_embedding="learned", positional="nope", norm="layernorm",
                  mlp_kind="gelu", use_bias=True, tie_embeddings=False),
 }

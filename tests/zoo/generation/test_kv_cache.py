@@ -136,8 +136,9 @@ def test_prefix_lm_prefill_then_causal_steps():
 
 
 def test_every_family_decodes_or_says_it_cannot():
-  """Only the `mha` core has a decode path (sqa is mha with another head layout); every family
-  that changes the core refuses with a message naming model.attention."""
+  """The `mha` core decodes (sqa is mha with another head layout), and so do the families that
+  change only the attention of transformed q, k, v (gated, sinks); every family that changes
+  the rest of the core refuses with a message naming model.attention."""
   decodable = []
   for name in registry.names():
     try:
@@ -149,5 +150,21 @@ def test_every_family_decodes_or_says_it_cannot():
       decodable.append(name)
     else:
       assert f"attention={name!r} (model.attention) has no KV-cache decode path" in refusal
-  assert {"mha", "sqa"} <= set(decodable)
-  assert set(decodable) <= {"mha", "sqa"}
+  assert set(decodable) == {"mha", "sqa", "gated", "sinks"}
+
+
+@pytest.mark.parametrize("family,options", [
+    ("gated", {}), ("gated", {"gate": "headwise", "gate_bias_init": 0.5}),
+    ("sinks", {"sink_init": 1.5}),
+])
+def test_output_families_prefill_then_steps_equal_the_parallel_forward(family, options):
+  """The gate reads each new token's own input; the sink logit joins each new softmax."""
+  attn = layer(family, num_kv_heads=2, options=options)
+  x = x_of()
+  ys, _ = cached(attn, x, n_prompt=5, step=2)
+  np.testing.assert_allclose(ys, full(attn, x)[:, 5:], **TOL)
+
+
+def test_sink_tokens_say_they_cannot_decode():
+  with pytest.raises(ValueError, match=r"sink='tokens' has no KV-cache decode path"):
+    layer("sinks", options={"sink": "tokens"}).init_cache(B, 8)
