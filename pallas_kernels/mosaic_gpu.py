@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU plumbing shared by the Hopper kernels (flash/gpu_mosaic.py, decode/gpu_mosaic.py).
+"""Pallas Mosaic GPU pieces shared by the Hopper kernels (flash/ and decode/gpu_mosaic.py).
 
 The kernels are warp-specialized: one producer warpgroup streams blocks from
 global into shared memory with TMA, through a ring of `stages` slots, while
@@ -72,6 +72,27 @@ def transposed(ref):
 def zeros(shape, layout):
   """float32 zeros in a register layout (an accumulator's start)."""
   return plgpu_module().layout_cast(jnp.full(shape, 0.0, F32), layout)
+
+
+def rows_full(value, rows, layout):
+  """A float32 vector [rows] of `value` in a row-reduction layout (m, l, per-row sums)."""
+  return plgpu_module().layout_cast(jnp.full((rows,), value, F32), layout)
+
+
+def softmax_step(m, l, acc, s):
+  """The online-softmax update of one tile before P V, on wgmma-layout registers.
+
+  m, l [rows] (row-reduction layout), acc [rows, Dv], s [rows, cols] masked
+  logits -> (m', l', alpha * acc, P): the flash tile step of
+  `pallas_kernels/flash/tile.py` with row statistics as vectors (Mosaic GPU
+  layouts have no [rows, 1] shape); the caller adds P V to the rescaled acc.
+  """
+  m_new = jnp.maximum(m, s.max(axis=1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp(m - m_safe)
+  p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+  l = alpha * l + p.sum(axis=1)
+  return m_new, l, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p
 
 
 def walk(num_heads, count_of, body, carry):

@@ -78,6 +78,18 @@ def split_pages(pages_per_seq: int, programs: int, target: int,
   return -(-pages_per_seq // pages_per_split), pages_per_split
 
 
+def split_kernel_inputs(q, k_cache, v_cache, page_table, block: Optional[int], *, rows: int,
+                        target: int, num_splits: Optional[int] = None):
+  """What a GPU split-decode kernel reads: (k_pages, v_pages, page_table, grouped queries
+  [B, Hkv, rows, D] in the cache dtype, num_splits, pages_per_split)."""
+  k_pages, v_pages, page_table = as_pages(k_cache, v_cache, page_table, block)
+  hkv = k_pages.shape[2]
+  num_splits, pages_per_split = split_pages(page_table.shape[1], q.shape[0] * hkv, target,
+                                            num_splits)
+  qg = group_queries(q.astype(k_pages.dtype), hkv, rows)
+  return k_pages, v_pages, page_table, qg, num_splits, pages_per_split
+
+
 def pick_block(length: int, *, cap: int, multiple_of: int = 1, power_of_two: bool = False
                ) -> Optional[int]:
   """The largest divisor of `length` that is <= cap and a multiple of `multiple_of`

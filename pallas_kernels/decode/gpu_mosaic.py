@@ -65,8 +65,8 @@ def _kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, 
     plgpu.copy_gmem_to_smem(q_ref.at[b, g], q_smem, q_bar.at[0])
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, page_size), 0, layout=layout)
     cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, page_size), 1, layout=layout)
-    m0 = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
-    l0 = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), layout.reduce(1))
+    m0 = mosaic_gpu.rows_full(-jnp.inf, ROWS, layout.reduce(1))
+    l0 = mosaic_gpu.rows_full(0.0, ROWS, layout.reduce(1))
     acc0 = mosaic_gpu.zeros((ROWS, q_ref.shape[-1]), layout)
     plgpu.barrier_wait(q_bar.at[0])
 
@@ -82,13 +82,7 @@ def _kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, 
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
       pos = start + cols
       vis = online_softmax.visible(pos, rows, length, q_len, group) & (pos < length)
-      s = jnp.where(vis, s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp(m - m_safe)
-      p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-      l = alpha * l + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      m_new, l, acc, p = mosaic_gpu.softmax_step(m, l, acc, jnp.where(vis, s, -jnp.inf))
       plgpu.barrier_wait(v_bars[0].at[slot])
 
       @pl.when(start + page_size > length)
@@ -133,12 +127,11 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
   if page_table is None:
     block_kv = block_kv or cache_layout.pick_block(k_cache.shape[1], cap=MAX_CONTIGUOUS_BLOCK,
                                                    multiple_of=PAGE_MULTIPLE)
-  k_pages, v_pages, page_table = cache_layout.as_pages(k_cache, v_cache, page_table, block_kv)
+  k_pages, v_pages, page_table, qg, num_splits, pages_per_split = (
+      cache_layout.split_kernel_inputs(q, k_cache, v_cache, page_table, block_kv, rows=ROWS,
+                                       target=TARGET_PROGRAMS, num_splits=num_splits))
   page_size = k_pages.shape[1]
   pages_per_seq = page_table.shape[1]
-  num_splits, pages_per_split = cache_layout.split_pages(pages_per_seq, b * hkv, TARGET_PROGRAMS,
-                                                         num_splits)
-  qg = cache_layout.group_queries(q.astype(k_pages.dtype), hkv, ROWS)
   dtype = k_pages.dtype
   tr = mosaic_gpu.smem_transforms(dtype)
 
@@ -157,7 +150,8 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
              plgpu.Barrier(num_barriers=1),
              mosaic_gpu.barriers(stages, 1), mosaic_gpu.barriers(stages, 1)]
   acc, m, l = mosaic_gpu.launch(body, scratch, [state(d), state(), state()], (hkv, num_splits, b),
-                                ("heads", "split", "batch"), 1)(cache_layout.lengths_per_kv_head(lengths, hkv), page_table, qg, k_pages, v_pages)
+                                ("heads", "split", "batch"), 1)(
+      cache_layout.lengths_per_kv_head(lengths, hkv), page_table, qg, k_pages, v_pages)
   return online_softmax.finish_grouped(acc, m, l, sinks=sinks, q_len=tq, num_q_heads=hq,
                                        dtype=q.dtype, return_lse=return_lse)
 

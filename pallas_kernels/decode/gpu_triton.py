@@ -98,13 +98,12 @@ def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=Non
   if page_table is None:
     block_kv = block_kv or cache_layout.pick_block(k_cache.shape[1], cap=MAX_CONTIGUOUS_BLOCK,
                                                    power_of_two=True)
-  k_pages, v_pages, page_table = cache_layout.as_pages(k_cache, v_cache, page_table, block_kv)
+  rows = max(MIN_DOT, 1 << max(0, math.ceil(math.log2(tq * group))))
+  k_pages, v_pages, page_table, qg, num_splits, pages_per_split = (
+      cache_layout.split_kernel_inputs(q, k_cache, v_cache, page_table, block_kv, rows=rows,
+                                       target=TARGET_PROGRAMS, num_splits=num_splits))
   page_size = k_pages.shape[1]
   pages_per_seq = page_table.shape[1]
-  num_splits, pages_per_split = cache_layout.split_pages(pages_per_seq, b * hkv, TARGET_PROGRAMS,
-                                                         num_splits)
-  rows = max(MIN_DOT, 1 << max(0, math.ceil(math.log2(tq * group))))
-  qg = cache_layout.group_queries(q.astype(k_pages.dtype), hkv, rows)
 
   kernel = functools.partial(
       _kernel, scale=scale, logits_soft_cap=logits_soft_cap, q_len=tq, group=group,

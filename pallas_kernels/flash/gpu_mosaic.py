@@ -118,6 +118,25 @@ def _head_params(ref, h):
   return tuple(ref[h, i] for i in range(tile.NUM_HEAD_PARAMS))
 
 
+def _raw_logits(spec, tile_ref, ring, bars, slot, rows, cols):
+  """scale * A B^T: the resident tile A [rows, D] against the streamed block B in ring slot
+  `slot`, once its copy has landed (Q K^T in the forward and dQ kernels, K Q^T in dK/dV)."""
+  plgpu = mosaic_gpu.plgpu_module()
+  plgpu.barrier_wait(bars[0].at[slot])
+  block_t = mosaic_gpu.transposed(ring.at[slot])
+  return mosaic_gpu.matmul(tile_ref, block_t, (rows, cols)) * spec.scale
+
+
+def _stream_kv(k_ref, v_ref, b, kv_head, count_of, start_of, block_k, stages, k_ring, v_ring):
+  """The producer of the forward and dQ kernels: each listed K and V block into its ring."""
+  def copies(g, j):
+    del g
+    rows_at = (b, pl.ds(start_of(j), block_k), kv_head)
+    return [(k_ref.at[rows_at], *k_ring), (v_ref.at[rows_at], *v_ring)]
+
+  mosaic_gpu.producer(1, count_of, stages, copies)
+
+
 def _rings(stages):
   """Barriers of the two streamed operands' rings (K and V, or Q and dO)."""
   return (mosaic_gpu.barriers(stages, _COMPUTE_WGS), mosaic_gpu.barriers(stages, _COMPUTE_WGS))
@@ -162,24 +181,18 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
       params = _head_params(params_ref, h)
       q_side = _tokens_at(spec, tok, b, q_base, rows, row_layout, "q")
       first_m, first_l = ((params[tile.SINK], 1.0) if spec.has_sinks else (-jnp.inf, 0.0))
-      m0 = plgpu.layout_cast(jnp.full((rows,), first_m, _F32), row_layout)
-      l0 = plgpu.layout_cast(jnp.full((rows,), first_l, _F32), row_layout)
+      m0 = mosaic_gpu.rows_full(first_m, rows, row_layout)
+      l0 = mosaic_gpu.rows_full(first_l, rows, row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
 
       def step(t, g, j, carry):
         m, l, acc = carry
         slot = lax.rem(t, stages)
-        plgpu.barrier_wait(k_bars[0].at[slot])
-        raw = mosaic_gpu.matmul(my_q, mosaic_gpu.transposed(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        raw = _raw_logits(spec, my_q, k_ring, k_bars, slot, rows, block_k)
         plgpu.barrier_arrive(k_bars[1].at[slot])
         k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
         s, _ = _tile_logits(spec, raw, q_side, k_side, params)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-        l = alpha * l + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        m_new, l, acc, p = mosaic_gpu.softmax_step(m, l, acc, s)
         plgpu.barrier_wait(v_bars[0].at[slot])
         acc = mosaic_gpu.matmul(p.astype(dtype), v_ring.at[slot], acc.shape, acc)
         plgpu.barrier_arrive(v_bars[1].at[slot])
@@ -197,10 +210,8 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      kv_head = lax.div(h, group)
-      mosaic_gpu.producer(1, count_of, stages, lambda g, j: [
-          (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
-          (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
+      _stream_kv(k_ref, v_ref, b, lax.div(h, group), count_of, start_of, block_k, stages,
+                 (k_ring, *k_bars), (v_ring, *v_bars))
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
@@ -272,14 +283,12 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
                               optimized=False)
       plgpu.barrier_wait(in_bar.at[2 * wg])
       plgpu.barrier_wait(in_bar.at[2 * wg + 1])
-      dparams0 = tuple(plgpu.layout_cast(jnp.full((rows,), 0.0, _F32), row_layout)
-                       for _ in range(n_dparams))
+      dparams0 = tuple(mosaic_gpu.rows_full(0.0, rows, row_layout) for _ in range(n_dparams))
 
       def step(t, g, j, carry):
         dq, dparams = carry
         slot = lax.rem(t, stages)
-        plgpu.barrier_wait(k_bars[0].at[slot])
-        raw = mosaic_gpu.matmul(my_q, mosaic_gpu.transposed(k_ring.at[slot]), (rows, block_k)) * spec.scale
+        raw = _raw_logits(spec, my_q, k_ring, k_bars, slot, rows, block_k)
         k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
         s, (q_pos, k_pos) = _tile_logits(spec, raw, q_side, k_side, params)
         p = jnp.exp(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
@@ -295,7 +304,8 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
           dparams = tuple(a + (ds * g_).sum(axis=1) for a, g_ in zip(dparams, terms))
         return dq, dparams
 
-      dq, dparams = mosaic_gpu.walk(1, count_of, step, (mosaic_gpu.zeros((rows, d), layout), dparams0))
+      dq0 = mosaic_gpu.zeros((rows, d), layout)
+      dq, dparams = mosaic_gpu.walk(1, count_of, step, (dq0, dparams0))
       my_q[...] = (dq * spec.scale).astype(dtype)  # the query tile's buffer carries dQ out
       for i, rows_i in enumerate(dparams):
         dp_smem.at[i, wg][...] = rows_i
@@ -307,10 +317,8 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      kv_head = lax.div(h, group)
-      mosaic_gpu.producer(1, count_of, stages, lambda g, j: [
-          (k_ref.at[b, pl.ds(start_of(j), block_k), kv_head], k_ring, *k_bars),
-          (v_ref.at[b, pl.ds(start_of(j), block_k), kv_head], v_ring, *v_bars)])
+      _stream_kv(k_ref, v_ref, b, lax.div(h, group), count_of, start_of, block_k, stages,
+                 (k_ring, *k_bars), (v_ring, *v_bars))
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
@@ -377,8 +385,7 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
         delta_cols = plgpu.load(delta_ref.at[b, h], pl.ds(start, block_q), layout=col_layout,
                                 optimized=False)
         q_side = _tokens_at(spec, tok, b, start, block_q, col_layout, "q")
-        plgpu.barrier_wait(q_bars[0].at[slot])
-        raw_t = mosaic_gpu.matmul(my_k, mosaic_gpu.transposed(q_ring.at[slot]), (rows, block_q)) * spec.scale
+        raw_t = _raw_logits(spec, my_k, q_ring, q_bars, slot, rows, block_q)  # K Q^T
         s_t, _ = _tile_logits(spec, raw_t, q_side, k_side, params, keys_on_rows=True)
         p_t = jnp.exp(s_t - lax.broadcast_in_dim(lse_cols, s_t.shape, [1]))
         plgpu.barrier_wait(do_bars[0].at[slot])
@@ -391,8 +398,8 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
         plgpu.barrier_arrive(q_bars[1].at[slot])
         return dk, dv_acc
 
-      dk, dv_acc = mosaic_gpu.walk(group, count_of, step,
-                         (mosaic_gpu.zeros((rows, d), layout), mosaic_gpu.zeros((rows, dv), layout)))
+      zeros = (mosaic_gpu.zeros((rows, d), layout), mosaic_gpu.zeros((rows, dv), layout))
+      dk, dv_acc = mosaic_gpu.walk(group, count_of, step, zeros)
       my_k[...] = (dk * spec.scale).astype(dtype)  # the key/value tiles carry dK/dV out
       my_v[...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
