@@ -118,6 +118,18 @@ def _head_params(ref, h):
   return tuple(ref[h, i] for i in range(tile.NUM_HEAD_PARAMS))
 
 
+def _query_tile(lists_ref, block_k):
+  """This CTA's (batch, query head, query tile, warpgroup) and its key-block list.
+
+  Returns (b, h, qi, wg, count_of, start_of): count_of(_) is the list's length,
+  start_of(j) the first key of its j-th block. lists_ref [B, 1 or Hq, nq, 1 + n].
+  """
+  b, h, qi = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
+  row = (b, h if lists_ref.shape[1] > 1 else 0, qi)
+  return (b, h, qi, lax.axis_index("wg"), lambda _: lists_ref[(*row, 0)],
+          lambda j: lists_ref[(*row, 1 + j)] * block_k)
+
+
 def _raw_logits(spec, tile_ref, ring, bars, slot, rows, cols):
   """scale * A B^T: the resident tile A [rows, D] against the streamed block B in ring slot
   `slot`, once its copy has landed (Q K^T in the forward and dQ kernels, K Q^T in dK/dV)."""
@@ -153,7 +165,6 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
   nb, tq, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   group = hq // hkv
-  hs = lists.shape[1]
   rows = block_q // _COMPUTE_WGS
   stages = launch.stages
   dtype = q.dtype
@@ -166,11 +177,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
     tok = dict(zip(names, rest))
     rest = rest[len(names):]
     o_ref, lse_ref, q_smem, o_smem, lse_smem, k_ring, v_ring, q_bar, k_bars, v_bars = rest
-    b, h, qi = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
-    wg = lax.axis_index("wg")
-    h_list = h if hs > 1 else 0
-    count_of = lambda g: lists_ref[b, h_list, qi, 0]  # noqa: E731
-    start_of = lambda j: lists_ref[b, h_list, qi, 1 + j] * block_k  # noqa: E731
+    b, h, qi, wg, count_of, start_of = _query_tile(lists_ref, block_k)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -247,7 +254,6 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
   nb, tq, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   group = hq // hkv
-  hs = lists.shape[1]
   rows = block_q // _COMPUTE_WGS
   dtype = q.dtype
   names = _token_names(tokens)
@@ -261,11 +267,7 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
     rest = rest[len(names):]
     dq_ref, dparam_refs = rest[0], rest[1:1 + n_dparams]
     q_smem, do_smem, dp_smem, k_ring, v_ring, in_bar, k_bars, v_bars = rest[1 + n_dparams:]
-    b, h, qi = (lax.axis_index(a) for a in ("batch", "heads", "q_seq"))
-    wg = lax.axis_index("wg")
-    h_list = h if hs > 1 else 0
-    count_of = lambda g: lists_ref[b, h_list, qi, 0]  # noqa: E731
-    start_of = lambda j: lists_ref[b, h_list, qi, 1 + j] * block_k  # noqa: E731
+    b, h, qi, wg, count_of, start_of = _query_tile(lists_ref, block_k)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
