@@ -11,6 +11,14 @@ there and append the file to bench/results/attention_kernels.jsonl afterwards):
 If one runs long, split further with --mode fwd / --mode fwd_bwd, --causal
 true / false, --seqs 16384,32768 or --max-seq 8192 (every group of lines is
 appended as soon as it is measured, so a cut-off run keeps what it finished).
+On a Hopper GPU the Mosaic GPU kernels ("pallas_mosaic_gpu") are measured
+first. Until their GPU-marked tests have passed once, run those first, under
+a timeout (a wrong barrier hangs a warp-specialized kernel rather than
+failing it), and measure them alone with --filter:
+
+    timeout 300 python -m pytest -m gpu -x -q tests/pallas_kernels -k mosaic
+    python bench/attention_kernels.py --kernel flash --batch 1 --filter mosaic,jax_cudnn \
+        --out $OUT/attention_kernels.jsonl
 Here on CPU (automatic smoke mode; prints the lines, records nothing):
 
     python bench/attention_kernels.py                  # == --smoke
