@@ -21,7 +21,10 @@ a key tile; each tile is recomputed from the saved log-sum-exp.
 Inputs arrive padded (`pallas.py`): sequences to whole tiles, head dims to a
 multiple of 64 (one 128-byte swizzle row of 16-bit elements), lists with the
 count in column 0. Token-level mask data (positions, segment ids, key flags)
-is read from global memory straight into the layout it is used in.
+of the resident tile is loaded once from global memory into the layout it is
+used in; the streamed blocks' token vectors (and, in dK/dV, their rows of lse
+and delta) travel with the blocks through TMA rings of their own, so no
+compute warpgroup waits on a global load inside the loop.
 
 What this backend supports (`is_supported`): every structured mask, soft
 cap, sinks, distance bias, lse, any GQA ratio, head dims up to 128 (the
@@ -98,6 +101,39 @@ def _tokens_at(spec, tokens, b, start, size, layout, side):
           load("k_flags"))
 
 
+def _side_names(spec, side):
+  """The token vectors of one side (`tile.visible`'s order) that this call reads."""
+  if side == "q":
+    return tuple(n for n, used in (("q_pos", spec.has_positions), ("q_seg", spec.has_segments))
+                 if used)
+  return tuple(n for n, used in (("k_pos", spec.has_positions), ("k_seg", spec.has_segments),
+                                 ("k_flags", True)) if used)
+
+
+def _side_tuple(spec, vectors, side):
+  """{name: vector} -> (q_pos, q_seg) or (k_pos, k_seg, k_flags), None where unused."""
+  names = ("q_pos", "q_seg") if side == "q" else ("k_pos", "k_seg", "k_flags")
+  return tuple(vectors.get(n) for n in names)
+
+
+def _ring_scratch(names, stages, block, dtype_of):
+  """Shared-memory rings, then their (ready, free) barriers, for vectors streamed per block."""
+  plgpu = mosaic_gpu.plgpu_module()
+  return ([plgpu.SMEM((stages, block), dtype_of(n)) for n in names]
+          + [mosaic_gpu.barriers(stages, _COMPUTE_WGS) for _ in names])
+
+
+def _take(rings, slot, layout):
+  """{name: (ring, (ready, free))} -> {name: the vector in `slot`}, each slot released at once."""
+  plgpu = mosaic_gpu.plgpu_module()
+  out = {}
+  for name, (ring, (ready, free)) in rings.items():
+    plgpu.barrier_wait(ready.at[slot])
+    out[name] = plgpu.load(ring.at[slot], (), layout=layout)
+    plgpu.barrier_arrive(free.at[slot])
+  return out
+
+
 def _tile_logits(spec, raw, q_side, k_side, params, *, keys_on_rows=False):
   """tile.py's logits on a [rows, cols] tile, token vectors broadcast to the tile.
 
@@ -139,14 +175,23 @@ def _raw_logits(spec, tile_ref, ring, bars, slot, rows, cols):
   return mosaic_gpu.matmul(tile_ref, block_t, (rows, cols)) * spec.scale
 
 
-def _stream_kv(k_ref, v_ref, b, kv_head, count_of, start_of, block_k, stages, k_ring, v_ring):
-  """The producer of the forward and dQ kernels: each listed K and V block into its ring."""
+def _stream_kv(k_ref, v_ref, tok, b, kv_head, count_of, start_of, block_k, stages, k_ring,
+               v_ring, side_rings):
+  """The producer of the forward and dQ kernels: each listed K and V block into its ring, and
+  the keys' token vectors (`side_rings`: {name: (ring, barriers)}) into theirs."""
   def copies(g, j):
     del g
-    rows_at = (b, pl.ds(start_of(j), block_k), kv_head)
-    return [(k_ref.at[rows_at], *k_ring), (v_ref.at[rows_at], *v_ring)]
+    keys = pl.ds(start_of(j), block_k)
+    return ([(k_ref.at[b, keys, kv_head], *k_ring), (v_ref.at[b, keys, kv_head], *v_ring)]
+            + [(tok[n].at[b, keys], ring, *bars) for n, (ring, bars) in side_rings.items()])
 
   mosaic_gpu.producer(1, count_of, stages, copies)
+
+
+def _named_rings(names, bufs):
+  """Scratch refs laid out by `_ring_scratch` -> {name: (ring, (ready, free))}."""
+  n = len(names)
+  return {name: (bufs[i], bufs[n + i]) for i, name in enumerate(names)}
 
 
 def _rings(stages):
@@ -173,10 +218,13 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
   tr = mosaic_gpu.smem_transforms(dtype)
 
+  k_names = _side_names(spec, "k")
+
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, *rest):
     tok = dict(zip(names, rest))
     rest = rest[len(names):]
-    o_ref, lse_ref, q_smem, o_smem, lse_smem, k_ring, v_ring, q_bar, k_bars, v_bars = rest
+    o_ref, lse_ref, q_smem, o_smem, lse_smem, k_ring, v_ring, q_bar, k_bars, v_bars = rest[:10]
+    k_rings = _named_rings(k_names, rest[10:])
     b, h, qi, wg, count_of, start_of = _query_tile(lists_ref, block_k)
 
     @pl.when(wg < _COMPUTE_WGS)
@@ -197,7 +245,7 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
         slot = lax.rem(t, stages)
         raw = _raw_logits(spec, my_q, k_ring, k_bars, slot, rows, block_k)
         plgpu.barrier_arrive(k_bars[1].at[slot])
-        k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
+        k_side = _side_tuple(spec, _take(k_rings, slot, col_layout), "k")
         s, _ = _tile_logits(spec, raw, q_side, k_side, params)
         m_new, l, acc, p = mosaic_gpu.softmax_step(m, l, acc, s)
         plgpu.barrier_wait(v_bars[0].at[slot])
@@ -217,15 +265,16 @@ def forward(spec, q, k, v, head_params, tokens, lists, *, block_q, block_k,
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      _stream_kv(k_ref, v_ref, b, lax.div(h, group), count_of, start_of, block_k, stages,
-                 (k_ring, *k_bars), (v_ring, *v_bars))
+      _stream_kv(k_ref, v_ref, tok, b, lax.div(h, group), count_of, start_of, block_k, stages,
+                 (k_ring, *k_bars), (v_ring, *v_bars), k_rings)
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows), _F32),
              plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=_COMPUTE_WGS), *_rings(stages)]
+             plgpu.Barrier(num_barriers=_COMPUTE_WGS), *_rings(stages),
+             *_ring_scratch(k_names, stages, block_k, lambda n: jnp.int32)]
   out_type = [jax.ShapeDtypeStruct((nb, tq, hq, dv), dtype),
               jax.ShapeDtypeStruct((nb, hq, tq), _F32)]
   return mosaic_gpu.launch(body, scratch, out_type, (hq, tq // block_q, nb),
@@ -261,12 +310,15 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
   tr = mosaic_gpu.smem_transforms(dtype)
   n_dparams = 3 if spec.has_distance_bias else 0
+  k_names = _side_names(spec, "k")
 
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
     tok = dict(zip(names, rest))
     rest = rest[len(names):]
     dq_ref, dparam_refs = rest[0], rest[1:1 + n_dparams]
-    q_smem, do_smem, dp_smem, k_ring, v_ring, in_bar, k_bars, v_bars = rest[1 + n_dparams:]
+    rest = rest[1 + n_dparams:]
+    q_smem, do_smem, dp_smem, k_ring, v_ring, in_bar, k_bars, v_bars = rest[:8]
+    k_rings = _named_rings(k_names, rest[8:])
     b, h, qi, wg, count_of, start_of = _query_tile(lists_ref, block_k)
 
     @pl.when(wg < _COMPUTE_WGS)
@@ -291,7 +343,7 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
         dq, dparams = carry
         slot = lax.rem(t, stages)
         raw = _raw_logits(spec, my_q, k_ring, k_bars, slot, rows, block_k)
-        k_side = _tokens_at(spec, tok, b, start_of(j), block_k, col_layout, "k")
+        k_side = _side_tuple(spec, _take(k_rings, slot, col_layout), "k")
         s, (q_pos, k_pos) = _tile_logits(spec, raw, q_side, k_side, params)
         p = jnp.exp(s - lax.broadcast_in_dim(lse_rows, s.shape, [0]))
         plgpu.barrier_wait(v_bars[0].at[slot])
@@ -319,15 +371,16 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      _stream_kv(k_ref, v_ref, b, lax.div(h, group), count_of, start_of, block_k, stages,
-                 (k_ring, *k_bars), (v_ring, *v_bars))
+      _stream_kv(k_ref, v_ref, tok, b, lax.div(h, group), count_of, start_of, block_k, stages,
+                 (k_ring, *k_bars), (v_ring, *v_bars), k_rings)
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
              plgpu.SMEM((max(n_dparams, 1), _COMPUTE_WGS, rows), _F32),
              plgpu.SMEM((stages, block_k, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_k, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages)]
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages),
+             *_ring_scratch(k_names, stages, block_k, lambda n: jnp.int32)]
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
   out_type += [jax.ShapeDtypeStruct((nb, hq, tq), _F32)] * n_dparams
   outs = mosaic_gpu.launch(body, scratch, out_type, (hq, tq // block_q, nb),
@@ -352,11 +405,14 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
   layout = plgpu.Layout.WGMMA
   row_layout, col_layout = layout.reduce(1), layout.reduce(0)
   tr = mosaic_gpu.smem_transforms(dtype)
+  # Streamed with each query block: its token vectors and its rows of lse and delta.
+  q_names = _side_names(spec, "q") + ("lse", "delta")
 
   def body(q_ref, k_ref, v_ref, params_ref, lists_ref, do_ref, lse_ref, delta_ref, *rest):
     tok = dict(zip(names, rest))
     rest = rest[len(names):]
-    dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring, in_bar, q_bars, do_bars = rest
+    dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring, in_bar, q_bars, do_bars = rest[:9]
+    q_rings = _named_rings(q_names, rest[9:])
     b, kv_head, ki = (lax.axis_index(a) for a in ("batch", "heads", "k_seq"))
     wg = lax.axis_index("wg")
     head_of = lambda g: kv_head * group + g  # noqa: E731
@@ -381,12 +437,9 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
         h = head_of(g)
         params = _head_params(params_ref, h)
         slot = lax.rem(t, stages)
-        start = start_of(g, j)
-        lse_cols = plgpu.load(lse_ref.at[b, h], pl.ds(start, block_q), layout=col_layout,
-                              optimized=False)
-        delta_cols = plgpu.load(delta_ref.at[b, h], pl.ds(start, block_q), layout=col_layout,
-                                optimized=False)
-        q_side = _tokens_at(spec, tok, b, start, block_q, col_layout, "q")
+        cols = _take(q_rings, slot, col_layout)
+        lse_cols, delta_cols = cols["lse"], cols["delta"]
+        q_side = _side_tuple(spec, cols, "q")
         raw_t = _raw_logits(spec, my_k, q_ring, q_bars, slot, rows, block_q)  # K Q^T
         s_t, _ = _tile_logits(spec, raw_t, q_side, k_side, params, keys_on_rows=True)
         p_t = jnp.exp(s_t - lax.broadcast_in_dim(lse_cols, s_t.shape, [1]))
@@ -411,15 +464,23 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      mosaic_gpu.producer(group, count_of, stages, lambda g, j: [
-          (q_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], q_ring, *q_bars),
-          (do_ref.at[b, pl.ds(start_of(g, j), block_q), head_of(g)], do_ring, *do_bars)])
+      def copies(g, j):
+        h, queries = head_of(g), pl.ds(start_of(g, j), block_q)
+        sources = {"lse": lse_ref.at[b, h, queries], "delta": delta_ref.at[b, h, queries],
+                   **{n: tok[n].at[b, queries] for n in q_names if n in tok}}
+        return ([(q_ref.at[b, queries, h], q_ring, *q_bars),
+                 (do_ref.at[b, queries, h], do_ring, *do_bars)]
+                + [(sources[n], ring, *bars) for n, (ring, bars) in q_rings.items()])
+
+      mosaic_gpu.producer(group, count_of, stages, copies)
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
              plgpu.SMEM((stages, block_q, d), dtype, transforms=tr),
              plgpu.SMEM((stages, block_q, dv), dtype, transforms=tr),
-             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages)]
+             plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS), *_rings(stages),
+             *_ring_scratch(q_names, stages, block_q,
+                            lambda n: _F32 if n in ("lse", "delta") else jnp.int32)]
   out_type = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
   return mosaic_gpu.launch(body, scratch, out_type, (hkv, tk // block_k, nb),
                            ("heads", "k_seq", "batch"), _COMPUTE_WGS,
