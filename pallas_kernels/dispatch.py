@@ -13,8 +13,8 @@ silently. A kernel shape (flash, block_sparse, decode) owns one `Dispatcher`:
     too slow for "auto" but are what "pallas" means there).
     No Pallas backend supporting the call is an error with each one's reason.
   * Any other registered name runs that backend or raises ValueError with its
-    reason; a name the architecture plans but nobody wrote raises
-    NotImplementedError; anything else raises ValueError listing the choices.
+    reason (also when it is registered only for another platform); anything
+    else raises ValueError listing the choices.
 
 A backend is any object with `name`, `is_supported(call) -> (bool, reason)`
 and `__call__`; what `call` and `__call__` take is the kernel shape's business.
@@ -40,13 +40,11 @@ class Backend(Protocol):
 class Dispatcher:
   """The ordered backends of one kernel shape, per platform."""
 
-  def __init__(self, kernel: str, fallback: Backend, *, extra: Sequence[Backend] = (),
-               planned: Sequence[str] = ()):
+  def __init__(self, kernel: str, fallback: Backend, *, extra: Sequence[Backend] = ()):
     """`fallback` (XLA) closes every platform's list; `extra` are by-name-only backends."""
     self.kernel = kernel
     self.fallback = fallback
     self.extra = list(extra)
-    self.planned = tuple(planned)
     self.backends: Dict[str, List[Backend]] = {p: [fallback] for p in ("cpu", "gpu", "tpu")}
     self.by_name_only: Dict[str, List[Backend]] = {}
     self._logged = set()
@@ -75,9 +73,8 @@ class Dispatcher:
     return tuple(sorted(names))
 
   def check_name(self, implementation: str) -> None:
-    valid = set(self.names()) | set(self.planned)
-    if implementation not in valid:
-      raise ValueError(f"implementation must be one of {sorted(valid)}, got"
+    if implementation not in self.names():
+      raise ValueError(f"implementation must be one of {list(self.names())}, got"
                        f" implementation={implementation!r}")
 
   def select(self, call: Any, implementation: str = "auto", *, platform: str) -> Backend:
@@ -125,9 +122,7 @@ class Dispatcher:
         if backend.name == name:
           raise ValueError(f"implementation={name!r} is registered for platform {other!r}, not"
                            f" for the current platform {platform!r}")
-    raise NotImplementedError(
-        f"implementation={name!r}: the {name} {self.kernel} backend is not written yet; use"
-        f" implementation='auto' or '{self.fallback.name}'")
+    raise AssertionError(f"{name!r} passed check_name but is registered nowhere")
 
   def _log_skip_once(self, platform, name, reason):
     if (platform, name, reason) not in self._logged:
