@@ -86,19 +86,11 @@ def default_blocks(head_dim: int):
 
 
 def _tokens_at(spec, tokens, b, start, size, layout, side):
-  """Token data of `size` tokens from `start`, as vectors in `layout` (None where absent)."""
+  """The resident tile's token vectors: `size` tokens from `start`, loaded once into `layout`."""
   plgpu = mosaic_gpu.plgpu_module()
-
-  def load(name, wanted=True):
-    ref = tokens.get(name)
-    if ref is None or not wanted:
-      return None
-    return plgpu.load(ref.at[b], pl.ds(start, size), layout=layout, optimized=False)
-
-  if side == "q":
-    return load("q_pos", spec.has_positions), load("q_seg", spec.has_segments)
-  return (load("k_pos", spec.has_positions), load("k_seg", spec.has_segments),
-          load("k_flags"))
+  return _side_tuple(spec, {
+      n: plgpu.load(tokens[n].at[b], pl.ds(start, size), layout=layout, optimized=False)
+      for n in _side_names(spec, side)}, side)
 
 
 def _side_names(spec, side):
