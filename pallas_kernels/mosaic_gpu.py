@@ -11,6 +11,8 @@ same sequence on both sides (`walk`), so the two never disagree on a slot.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -37,6 +39,17 @@ def hopper() -> tuple:
   if not str(capability).startswith("9"):
     return False, f"needs compute capability 9.x (Hopper wgmma), got {capability!r}"
   return True, ""
+
+
+def load(ref, layout, *, optimized=True):
+  """All of `ref` (index it first: ref.at[...]) into registers in `layout`.
+
+  JAX 0.10's plgpu.load takes the index as a second argument; 0.11 deprecates it.
+  """
+  plgpu = plgpu_module()
+  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
+  return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def smem_transforms(dtype):
@@ -110,27 +123,43 @@ def walk(num_heads, count_of, body, carry):
   return carry
 
 
-def producer(num_heads, count_of, stages, copies):
+def producer(num_heads, count_of, stages, rings, sources):
   """The memory warpgroup: streams each step's blocks into ring slot t % stages.
 
-  `copies(g, j)` -> [(gmem source, smem ring, ready barriers, free barriers)];
-  a slot is refilled once every compute warpgroup has arrived on its free barrier.
-  The producer gives its registers to the compute warpgroups.
+  `rings` are (smem ring, ready barriers, free barriers); `sources(g, j)` the
+  step's global-memory blocks, one per ring. A slot is refilled once every
+  compute warpgroup has arrived on its free barrier. At the end the producer
+  also waits for the releases of the last `stages` steps, so that every
+  barrier phase is observed before the barriers go out of scope (GPU interpret
+  mode checks this; on the device it costs nothing, the CTA ends with its
+  compute warpgroups). The producer gives its registers to them.
   """
   plgpu = plgpu_module()
   plgpu.set_max_registers(40, action="decrease")
 
-  def step(t, g, j, carry):
+  def step(t, g, j, steps):
     slot = lax.rem(t, stages)
-    for src, ring, ready, free in copies(g, j):
+    for src, (ring, ready, free) in zip(sources(g, j), rings, strict=True):
       @pl.when(t >= stages)
-      def _():
+      def _wait_for_release():
         plgpu.barrier_wait(free.at[slot])
+        # Compute warpgroups read some slots with plain loads (token vectors,
+        # lse, delta) or rewrite them (decode's stale V rows): the generic
+        # proxy. TMA writes through the async proxy; fence.proxy.async orders
+        # the two (the GPU interpreter's race detector flags the refill without it).
+        plgpu.commit_smem()
 
       plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
-    return carry
+    return steps + 1
 
-  walk(num_heads, count_of, step, None)
+  steps = walk(num_heads, count_of, step, jnp.int32(0))
+  for back in range(stages, 0, -1):
+    t = steps - back
+
+    @pl.when(t >= 0)
+    def _drain():
+      for _, _, free in rings:
+        plgpu.barrier_wait(free.at[lax.rem(t, stages)])
 
 
 def barriers(stages, compute_wgs):

@@ -108,9 +108,8 @@ def _kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, 
 
   @pl.when(wg == 1)
   def _produce():
-    mosaic_gpu.producer(1, count_of, stages, lambda _, j: [
-        (k_ref.at[page_of(j), :, g], k_ring, *k_bars),
-        (v_ref.at[page_of(j), :, g], v_ring, *v_bars)])
+    mosaic_gpu.producer(1, count_of, stages, [(k_ring, *k_bars), (v_ring, *v_bars)],
+                        lambda _, j: [k_ref.at[page_of(j), :, g], v_ref.at[page_of(j), :, g]])
 
 
 def decode_attention(q, k_cache, v_cache, *, lengths, page_table=None, scale=None,

@@ -87,9 +87,8 @@ def default_blocks(head_dim: int):
 
 def _tokens_at(spec, tokens, b, start, size, layout, side):
   """The resident tile's token vectors: `size` tokens from `start`, loaded once into `layout`."""
-  plgpu = mosaic_gpu.plgpu_module()
   return _side_tuple(spec, {
-      n: plgpu.load(tokens[n].at[b], pl.ds(start, size), layout=layout, optimized=False)
+      n: mosaic_gpu.load(tokens[n].at[b, pl.ds(start, size)], layout, optimized=False)
       for n in _side_names(spec, side)}, side)
 
 
@@ -121,7 +120,7 @@ def _take(rings, slot, layout):
   out = {}
   for name, (ring, (ready, free)) in rings.items():
     plgpu.barrier_wait(ready.at[slot])
-    out[name] = plgpu.load(ring.at[slot], (), layout=layout)
+    out[name] = mosaic_gpu.load(ring.at[slot], layout)
     plgpu.barrier_arrive(free.at[slot])
   return out
 
@@ -171,13 +170,15 @@ def _stream_kv(k_ref, v_ref, tok, b, kv_head, count_of, start_of, block_k, stage
                v_ring, side_rings):
   """The producer of the forward and dQ kernels: each listed K and V block into its ring, and
   the keys' token vectors (`side_rings`: {name: (ring, barriers)}) into theirs."""
-  def copies(g, j):
+  def sources(g, j):
     del g
     keys = pl.ds(start_of(j), block_k)
-    return ([(k_ref.at[b, keys, kv_head], *k_ring), (v_ref.at[b, keys, kv_head], *v_ring)]
-            + [(tok[n].at[b, keys], ring, *bars) for n, (ring, bars) in side_rings.items()])
+    return ([k_ref.at[b, keys, kv_head], v_ref.at[b, keys, kv_head]]
+            + [tok[n].at[b, keys] for n in side_rings])
 
-  mosaic_gpu.producer(1, count_of, stages, copies)
+  mosaic_gpu.producer(1, count_of, stages,
+                      [k_ring, v_ring] + [(ring, *bars) for ring, bars in side_rings.values()],
+                      sources)
 
 
 def _named_rings(names, bufs):
@@ -323,10 +324,10 @@ def _backward_dq(spec, q, k, v, head_params, tokens, lists, do, lse, delta, *, b
       plgpu.copy_gmem_to_smem(do_ref.at[rows_at], my_do, in_bar.at[2 * wg + 1])
       params = _head_params(params_ref, h)
       q_side = _tokens_at(spec, tok, b, q_base, rows, row_layout, "q")
-      lse_rows = plgpu.load(lse_ref.at[b, h], pl.ds(q_base, rows), layout=row_layout,
-                            optimized=False)
-      delta_rows = plgpu.load(delta_ref.at[b, h], pl.ds(q_base, rows), layout=row_layout,
-                              optimized=False)
+      lse_rows = mosaic_gpu.load(lse_ref.at[b, h, pl.ds(q_base, rows)], row_layout,
+                                 optimized=False)
+      delta_rows = mosaic_gpu.load(delta_ref.at[b, h, pl.ds(q_base, rows)], row_layout,
+                                   optimized=False)
       plgpu.barrier_wait(in_bar.at[2 * wg])
       plgpu.barrier_wait(in_bar.at[2 * wg + 1])
       dparams0 = tuple(mosaic_gpu.rows_full(0.0, rows, row_layout) for _ in range(n_dparams))
@@ -456,15 +457,16 @@ def _backward_dkdv(spec, q, k, v, head_params, tokens, t_lists, do, lse, delta, 
 
     @pl.when(wg == _COMPUTE_WGS)
     def _produce():
-      def copies(g, j):
+      def sources(g, j):
         h, queries = head_of(g), pl.ds(start_of(g, j), block_q)
-        sources = {"lse": lse_ref.at[b, h, queries], "delta": delta_ref.at[b, h, queries],
-                   **{n: tok[n].at[b, queries] for n in q_names if n in tok}}
-        return ([(q_ref.at[b, queries, h], q_ring, *q_bars),
-                 (do_ref.at[b, queries, h], do_ring, *do_bars)]
-                + [(sources[n], ring, *bars) for n, (ring, bars) in q_rings.items()])
+        side = {"lse": lse_ref.at[b, h, queries], "delta": delta_ref.at[b, h, queries],
+                **{n: tok[n].at[b, queries] for n in q_names if n in tok}}
+        return ([q_ref.at[b, queries, h], do_ref.at[b, queries, h]]
+                + [side[n] for n in q_rings])
 
-      mosaic_gpu.producer(group, count_of, stages, copies)
+      mosaic_gpu.producer(group, count_of, stages,
+                          [(q_ring, *q_bars), (do_ring, *do_bars)]
+                          + [(ring, *bars) for ring, bars in q_rings.values()], sources)
 
   scratch = [plgpu.SMEM((_COMPUTE_WGS, rows, d), dtype, transforms=tr),
              plgpu.SMEM((_COMPUTE_WGS, rows, dv), dtype, transforms=tr),
