@@ -137,7 +137,7 @@ def producer(num_heads, count_of, stages, rings, sources):
   plgpu = plgpu_module()
   plgpu.set_max_registers(40, action="decrease")
 
-  def step(t, g, j, steps):
+  def step(t, g, j, carry):
     slot = lax.rem(t, stages)
     for src, (ring, ready, free) in zip(sources(g, j), rings, strict=True):
       @pl.when(t >= stages)
@@ -150,9 +150,10 @@ def producer(num_heads, count_of, stages, rings, sources):
         plgpu.commit_smem()
 
       plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
-    return steps + 1
+    return carry
 
-  steps = walk(num_heads, count_of, step, jnp.int32(0))
+  walk(num_heads, count_of, step, None)
+  steps = sum(count_of(g) for g in range(num_heads))
   for back in range(stages, 0, -1):
     t = steps - back
 
