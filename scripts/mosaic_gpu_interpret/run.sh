@@ -11,12 +11,12 @@ cd "$here/../.."
 src="${1:?usage: run.sh JAX_SOURCE [pytest args]}"
 shift
 work="${MGPU_WORKDIR:-/tmp/mosaic_gpu_interpret}"
-jaxlib="$(sed -n 's/.*"jaxlib==\([^"]*\)".*/\1/p' pyproject.toml)"
+pin() { sed -n "s/.*\"$1==\([^\"]*\)\".*/\1/p" pyproject.toml; }  # the project's own pins
 mkdir -p "$work"
 if [ ! -x "$work/venv/bin/python" ]; then
   "${PYTHON312:-python3.12}" -m venv "$work/venv"
-  "$work/venv/bin/pip" install --quiet --disable-pip-version-check "jaxlib==$jaxlib" \
-    ml_dtypes opt_einsum scipy "numpy>=2,<3" "pytest==9.2.0" hypothesis
+  "$work/venv/bin/pip" install --quiet --disable-pip-version-check "jaxlib==$(pin jaxlib)" \
+    ml_dtypes opt_einsum scipy "numpy>=2,<3" "pytest==$(pin pytest)"
 fi
 rm -rf "$work/jax"
 if [ -d "$src/jax" ]; then
